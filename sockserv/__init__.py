@@ -1,0 +1,36 @@
+"""sockserv: classic socket servers (echo, push, your own handlers) on the standard library.
+
+Public API: the server classes of every engine, the handler classes, and Config.
+"""
+
+__version__ = "0.1.0"
+
+from .config import Config, ConfigError
+from .engines import (
+    ForkingTCPServer,
+    ForkingUDPServer,
+    TCPServer,
+    ThreadingTCPServer,
+    ThreadingUDPServer,
+    UDPServer,
+    make_server,
+)
+from .framing import LineFramer
+from .handlers import EchoHandler, Handler, LineHandler
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "EchoHandler",
+    "ForkingTCPServer",
+    "ForkingUDPServer",
+    "Handler",
+    "LineFramer",
+    "LineHandler",
+    "TCPServer",
+    "ThreadingTCPServer",
+    "ThreadingUDPServer",
+    "UDPServer",
+    "__version__",
+    "make_server",
+]

@@ -1,0 +1,150 @@
+"""``python -m sockserv COMMAND [options]``: parse flags, build the Config, run."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import signal
+import socketserver
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from .config import SETTINGS, Config, ConfigError, load_config, to_toml
+from .engines import make_server
+from .handlers import EchoHandler, Handler
+from .log import setup_logging
+
+__all__ = ["main", "resolve_handler"]
+
+log = logging.getLogger("sockserv")
+
+BUILTIN_SERVICES: dict[str, type] = {"echo": EchoHandler}
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line and exit 2 (no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"sockserv: error: {message}\n")
+
+
+def _add_settings(parser: argparse.ArgumentParser) -> None:
+    for name, field in SETTINGS.items():
+        if name == "service":
+            continue
+        flag = "--" + name.replace("_", "-")
+        parse = field.metadata["parse"]
+        default = "derived" if field.default is None else field.default
+        help_text = f"{field.metadata['help']} (default: {default})"
+        if field.type in ("bool", bool):
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, metavar=getattr(parse, "metavar", None) or "VALUE",
+                                default=argparse.SUPPRESS, help=help_text)
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the effective config as TOML (with sources) and exit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="sockserv",
+                    description="Classic socket servers: echo, push, your own handlers.")
+    parser.add_argument("--version", action="version", version=f"sockserv {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    echo = commands.add_parser("echo", help="RFC 862 echo server (default port 7007)")
+    _add_settings(echo)
+    serve = commands.add_parser("serve", help="serve a Handler subclass given as MODULE:CLASS")
+    serve.add_argument("spec", metavar="MODULE:CLASS", help="e.g. myapp.handlers:Upper")
+    _add_settings(serve)
+    return parser
+
+
+def resolve_handler(service: str) -> type:
+    """The handler class a ``service`` setting names: a built-in, or ``MODULE:CLASS``."""
+    if service in BUILTIN_SERVICES:
+        return BUILTIN_SERVICES[service]
+    module_name, sep, class_name = service.partition(":")
+    if not sep or not module_name or not class_name:
+        known = ", ".join(BUILTIN_SERVICES)
+        raise ConfigError(f"service: {service!r} is neither {known} nor MODULE:CLASS")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"service: cannot import {module_name!r}: {exc}") from None
+    except Exception as exc:
+        raise ConfigError(f"service: importing {module_name!r} failed: "
+                          f"{type(exc).__name__}: {exc}") from None
+    obj: Any = module
+    for part in class_name.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise ConfigError(f"service: module {module_name!r} has no {class_name!r}")
+    if not (isinstance(obj, type) and issubclass(obj, Handler | socketserver.BaseRequestHandler)):
+        raise ConfigError(f"service: {service} is not a sockserv.Handler subclass")
+    return obj
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 runtime failure, 2 bad config)."""
+    args = build_parser().parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if k in SETTINGS}
+    service = args.spec if args.command == "serve" else args.command
+    try:
+        config = load_config(flags, service=service)
+        handler_class = resolve_handler(config.service)
+    except ConfigError as exc:
+        print(f"sockserv: error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        sys.stdout.write(to_toml(config))
+        return 0
+    setup_logging(config.log_level)
+    return run(config, handler_class)
+
+
+def run(config: Config, handler_class: type) -> int:
+    """Bind, serve until SIGTERM/SIGINT, close gracefully. Returns the exit status."""
+    try:
+        server = make_server(config, handler_class)
+    except OSError as exc:
+        where = f"{config.proto} {config.host}:{config.port}"
+        print(f"sockserv: error: cannot bind {where}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    stop = lambda signum, frame: server.request_shutdown()  # noqa: E731
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, lambda signum, frame: reload(server))
+    log.info("serving %s on %s (engine %s, pid %d)", config.service, server.describe(),
+             config.engine, os.getpid())
+    try:
+        server.serve_forever()
+    finally:
+        log.info("stopping: closing %d connection(s)", server.live_count())
+        server.server_close()
+    log.info("stopped")
+    return 0
+
+
+def reload(server: Any) -> None:
+    """SIGHUP: re-read the config file and environment; apply what can change live."""
+    old: Config = server.config
+    flags = {k: getattr(old, k) for k, v in old.sources.items() if v.startswith("--")}
+    try:
+        new = load_config(flags, service=old.service)
+    except ConfigError as exc:
+        log.error("reload failed, keeping the old config: %s", exc)
+        return
+    fixed = [name for name, f in SETTINGS.items()
+             if not f.metadata["live"] and getattr(new, name) != getattr(old, name)]
+    if fixed:
+        log.warning("reload: %s need(s) a restart to change", ", ".join(fixed))
+        new = new.replace(**{name: getattr(old, name) for name in fixed})
+    server.config = new
+    setup_logging(new.log_level)
+    log.info("reloaded config")

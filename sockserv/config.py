@@ -1,0 +1,253 @@
+"""One declaration per setting, feeding the CLI, the TOML file, the environment and validation.
+
+Precedence: defaults < ``--config FILE`` (TOML, top-level keys) < ``SOCKSERV_<KEY>`` < flags.
+Each setting is a field of the frozen dataclass :class:`Config`; its metadata holds
+the parser (which also validates) and the one-line help.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+__all__ = ["Config", "ConfigError", "SETTINGS", "load_config", "to_toml"]
+
+ENV_PREFIX = "SOCKSERV_"
+DEFAULT_PORTS = {"echo": 7007, "push": 7070}
+DEFAULT_MAX_CONNECTIONS = {"thread": 1000, "fork": 256}
+
+
+class ConfigError(Exception):
+    """A setting or config file is wrong; the message is one line for the user."""
+
+
+# -- parsers: take a str (env, flag) or a TOML value, return the typed value or raise ValueError
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a string")
+    return value
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+    parse.metavar = "|".join(choices)  # type: ignore[attr-defined]
+    return parse
+
+
+def _integer(lo: int, hi: int | None = None) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, str):
+            try:
+                value = int(value.strip().replace("_", ""), 0)
+            except ValueError:
+                raise ValueError(f"{value!r} is not an integer") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{value!r} is not an integer")
+        if value < lo or (hi is not None and value > hi):
+            bounds = f"{lo}-{hi}" if hi is not None else f"{lo} or more"
+            raise ValueError(f"{value} is out of range {bounds}")
+        return value
+
+    parse.metavar = "N"  # type: ignore[attr-defined]
+    return parse
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a number of seconds") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{value!r} is not a number of seconds")
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"{value} is out of range 0 or more")
+    return float(value)
+
+
+_seconds.metavar = "SECONDS"  # type: ignore[attr-defined]
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"{value!r} is not a boolean (true or false)")
+
+
+def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """None (or an empty string from env/CLI) means: derive the value from other settings."""
+
+    def wrapped(value: Any) -> Any:
+        return None if value is None or value == "" else parse(value)
+
+    wrapped.metavar = getattr(parse, "metavar", None)  # type: ignore[attr-defined]
+    return wrapped
+
+
+def setting(default: Any, parse: Callable[[Any], Any], help: str, *, live: bool = False) -> Any:
+    """Declare one setting: a dataclass field carrying its parser and help."""
+    return dataclasses.field(default=default, metadata={"parse": parse, "help": help, "live": live})
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The effective settings of one server. Build it with :func:`load_config`
+    (file, env, flags) or directly, e.g. ``Config(port=0, engine="fork")``;
+    every value is validated either way."""
+
+    service: str = setting("echo", _text, "what to serve: echo, push, or MODULE:CLASS of a Handler")
+    engine: str = setting("thread", _choice("thread", "fork"), "concurrency model")
+    proto: str = setting("tcp", _choice("tcp", "udp"), "transport")
+    host: str = setting("127.0.0.1", _text, "address to bind (IPv4 or IPv6, e.g. ::1)")
+    port: int = setting(None, _optional(_integer(0, 65535)),
+                        "port to bind, 0 for any (default 7007 for echo, 7070 for push)")
+    backlog: int = setting(1024, _integer(1, 1 << 20), "TCP listen backlog")
+    max_connections: int = setting(
+        None, _optional(_integer(1, 1 << 24)),
+        "most connections (TCP) or peers (UDP) served at once (default: thread 1000, fork 256)",
+        live=True)
+    idle_timeout: float = setting(0.0, _seconds, "close a connection silent this long, 0 = never",
+                                  live=True)
+    udp_idle: float = setting(60.0, _seconds, "forget a UDP peer silent this long", live=True)
+    max_line: int = setting(65536, _integer(1, 1 << 30), "longest line a line protocol accepts",
+                            live=True)
+    max_buffer: int = setting(262144, _integer(1024, 1 << 31),
+                              "most unsent output per connection before reading pauses", live=True)
+    shutdown_timeout: float = setting(10.0, _seconds,
+                                      "how long a stop or close waits for output to drain",
+                                      live=True)
+    log_level: str = setting("info", _choice("debug", "info", "warning", "error"),
+                             "logging threshold", live=True)
+    access_log: bool = setting(False, _boolean, "log one line per connection", live=True)
+    config: str = setting(None, _optional(_text), "TOML file to read settings from")
+
+    sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for f in _fields():
+            value = getattr(self, f.name)
+            try:
+                value = f.metadata["parse"](value)
+            except ValueError as exc:
+                raise ConfigError(f"{f.name}: {exc}{_origin(self.sources, f.name)}") from None
+            object.__setattr__(self, f.name, value)
+        if self.port is None:
+            object.__setattr__(self, "port", DEFAULT_PORTS.get(self.service, DEFAULT_PORTS["echo"]))
+        if self.max_connections is None:
+            object.__setattr__(self, "max_connections", DEFAULT_MAX_CONNECTIONS[self.engine])
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with some settings changed (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(Config) if "parse" in f.metadata]
+
+
+SETTINGS: dict[str, dataclasses.Field] = {f.name: f for f in _fields()}
+
+
+def _origin(sources: Mapping[str, str], name: str) -> str:
+    return f" (from {sources[name]})" if name in sources else ""
+
+
+def _unknown(name: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(name, SETTINGS, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown setting '{name}' in {where}{hint}")
+
+
+def read_file(path: str) -> dict[str, Any]:
+    """Read a TOML config file; every key must be a known setting."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config: {path} is not valid TOML: {exc}") from None
+    for key in data:
+        if key not in SETTINGS:
+            raise _unknown(key, path)
+        if key == "config":
+            raise ConfigError(f"config: a config file cannot name another one (in {path})")
+    return data
+
+
+def read_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The SOCKSERV_* variables; every one must name a known setting."""
+    found = {}
+    for var, value in environ.items():
+        if var.startswith(ENV_PREFIX):
+            key = var[len(ENV_PREFIX):].lower()
+            if key not in SETTINGS:
+                raise _unknown(key, f"environment variable {var}")
+            found[key] = value
+    return found
+
+
+def load_config(flags: Mapping[str, Any] | None = None,
+                environ: Mapping[str, str] | None = None, *, service: str | None = None) -> Config:
+    """Merge defaults < file < env < flags into a validated :class:`Config`.
+
+    ``flags`` maps setting names to raw values (strings, or bools for switches);
+    the file is ``flags['config']``, else ``SOCKSERV_CONFIG``. ``service`` is what
+    the CLI command names (``echo``, ``serve MODULE:CLASS``): it beats every source.
+    """
+    flags = dict(flags or {})
+    environ = os.environ if environ is None else environ
+    env = read_env(environ)
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    path = flags.get("config") or env.get("config")
+    if path:
+        for key, value in read_file(path).items():
+            values[key], sources[key] = value, path
+    for key, value in env.items():
+        values[key], sources[key] = value, ENV_PREFIX + key.upper()
+    for key, value in flags.items():
+        values[key], sources[key] = value, "--" + key.replace("_", "-")
+    if service is not None:
+        values["service"], sources["service"] = service, "command line"
+    return Config(**values, sources=sources)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if value is None:
+        return '""'
+    return repr(value)
+
+
+def to_toml(config: Config) -> str:
+    """The effective config as TOML, each line commented with where its value came from."""
+    lines = []
+    for name in SETTINGS:
+        value = getattr(config, name)
+        origin = config.sources.get(name, "default")
+        line = f"{name} = {_toml_value(value)}  # {origin}"
+        if name == "config":  # a file cannot name a file: shown for information only
+            if value is None:
+                continue
+            line = "# " + line
+        lines.append(line)
+    return "\n".join(lines) + "\n"

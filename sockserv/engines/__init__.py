@@ -1,0 +1,33 @@
+"""The engines, and :func:`make_server`, which picks one from a Config.
+
+``thread`` and ``fork`` build on ``socketserver``; each server class is a
+drop-in for the stdlib class of the same name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import Config
+from .base import ServerMixin, Stats
+from .forks import ForkingTCPServer, ForkingUDPServer
+from .plain import TCPServer, UDPServer
+from .threads import ThreadingTCPServer, ThreadingUDPServer
+
+__all__ = [
+    "ENGINES", "ForkingTCPServer", "ForkingUDPServer", "ServerMixin", "Stats", "TCPServer",
+    "ThreadingTCPServer", "ThreadingUDPServer", "UDPServer", "make_server",
+]
+
+ENGINES: dict[tuple[str, str], type[ServerMixin]] = {
+    ("thread", "tcp"): ThreadingTCPServer,
+    ("thread", "udp"): ThreadingUDPServer,
+    ("fork", "tcp"): ForkingTCPServer,
+    ("fork", "udp"): ForkingUDPServer,
+}
+
+
+def make_server(config: Config, handler_class: type, bind_and_activate: bool = True) -> Any:
+    """Build (and by default bind) the server that ``config.engine`` and ``config.proto`` name."""
+    cls = ENGINES[config.engine, config.proto]
+    return cls((config.host, config.port), handler_class, bind_and_activate, config=config)

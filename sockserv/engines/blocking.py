@@ -1,0 +1,280 @@
+"""Driving a sockserv Handler over a blocking socket, for the thread and fork engines.
+
+The reading side is plain blocking ``recv`` in the connection's own thread (or
+child process). Writes never block: ``write`` sends what the kernel takes at
+once (``MSG_DONTWAIT``) and leaves the rest to the process's one
+:class:`Flusher` thread, which sends it when the socket is writable.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import selectors
+import socket
+import struct
+import threading
+import time
+from typing import Any
+
+from ..connection import Connection, format_address
+
+__all__ = ["Flusher", "StreamConnection", "serve_stream"]
+
+log = logging.getLogger("sockserv")
+RECV_SIZE = 65536
+
+
+class Flusher:
+    """One thread per process sending the output that connections could not send at once."""
+
+    _instance: Flusher | None = None
+    _instance_pid = 0
+    _create_lock = threading.Lock()
+
+    @classmethod
+    def get(cls) -> Flusher:
+        """The flusher of this process (a forked child gets its own)."""
+        with cls._create_lock:
+            if cls._instance is None or cls._instance_pid != os.getpid():
+                cls._instance, cls._instance_pid = cls(), os.getpid()
+            return cls._instance
+
+    def __init__(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._commands: collections.deque[tuple[str, StreamConnection, threading.Event | None]]
+        self._commands = collections.deque()
+        threading.Thread(target=self._run, name="sockserv-flusher", daemon=True).start()
+
+    def watch(self, conn: StreamConnection) -> None:
+        """Send ``conn``'s pending output when its socket turns writable."""
+        self._commands.append(("watch", conn, None))
+        os.write(self._wake_w, b"!")
+
+    def forget(self, conn: StreamConnection) -> None:
+        """Stop watching ``conn``; returns once its socket is no longer registered."""
+        done = threading.Event()
+        self._commands.append(("forget", conn, done))
+        os.write(self._wake_w, b"!")
+        done.wait()
+
+    def _run(self) -> None:
+        selector = self._selector
+        while True:
+            for key, _ in selector.select():
+                if key.data is None:
+                    os.read(self._wake_r, 4096)
+                    self._run_commands()
+                elif key.data.flush():
+                    selector.unregister(key.fileobj)
+
+    def _run_commands(self) -> None:
+        while self._commands:
+            command, conn, done = self._commands.popleft()
+            registered = conn.sock in self._selector.get_map()
+            if command == "watch" and not registered:
+                self._selector.register(conn.sock, selectors.EVENT_WRITE, conn)
+            elif command == "forget":
+                if registered:
+                    self._selector.unregister(conn.sock)
+                conn.unwatched()
+                done.set()
+
+
+class StreamConnection(Connection):
+    """A TCP connection served by a thread or a child process (see module doc)."""
+
+    def __init__(self, server: Any, handler_class: type, sock: socket.socket, peer: Any) -> None:
+        super().__init__(server, handler_class, peer, sock.getsockname())
+        self.sock = sock
+        self._out: collections.deque[bytes | memoryview] = collections.deque()
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._watched = False
+        self._broken = False
+        self.reader = threading.get_ident()  # the thread that reads; built in that thread
+
+    @property
+    def buffered(self) -> int:
+        return self._pending
+
+    def write(self, data: bytes) -> None:
+        if not data or self.closing:
+            return
+        with self._lock:
+            if self._broken:
+                return
+            if not self._pending:
+                try:
+                    sent = self.sock.send(data, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    self._break()
+                    return
+                self.bytes_out += sent
+                if sent == len(data):
+                    return
+                data = bytes(memoryview(data)[sent:])
+            elif not isinstance(data, bytes):
+                data = bytes(data)
+            self._out.append(data)
+            self._pending += len(data)
+            if not self._watched:
+                self._watched = True
+                Flusher.get().watch(self)
+
+    def flush(self) -> bool:
+        """Send pending output (flusher thread). True when nothing is left to watch."""
+        with self._lock:
+            out = self._out
+            if len(out) > 1:
+                joined = b"".join(out)
+                out.clear()
+                out.append(joined)
+            while out:
+                try:
+                    sent = self.sock.send(out[0], socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    return False
+                except OSError:
+                    self._break()
+                    break
+                self.bytes_out += sent
+                self._pending -= sent
+                if sent < len(out[0]):
+                    out[0] = memoryview(out[0])[sent:]
+                else:
+                    out.popleft()
+            self._watched = False
+            self._changed.notify_all()
+            return True
+
+    def unwatched(self) -> None:
+        with self._lock:
+            self._watched = False
+            self._changed.notify_all()
+
+    def close(self) -> None:
+        with self._lock:
+            if self.closing:
+                return
+            self.closing = True
+            self._changed.notify_all()
+        if threading.get_ident() != self.reader:
+            _shutdown(self.sock, socket.SHUT_RD)  # wake the reader blocked in recv
+
+    def abort(self) -> None:
+        with self._lock:
+            self.closing = True
+            self._break()
+        _shutdown(self.sock, socket.SHUT_RDWR)
+
+    def _break(self) -> None:
+        """Drop all pending output (lock held): the peer is gone or we gave up on it."""
+        self._broken = True
+        self._out.clear()
+        self._pending = 0
+        self._changed.notify_all()
+
+    def wait_output_below(self, limit: int, timeout: float | None) -> bool:
+        """Block the reader while pending output exceeds ``limit``; False if no progress in time."""
+        with self._lock:
+            while self._pending > limit and not self.closing:
+                before = self._pending
+                if not self._changed.wait(timeout) and self._pending == before:
+                    return False
+            return True
+
+    def drain(self, timeout: float) -> None:
+        """Wait until pending output is sent (or ``timeout`` passes); detach from the flusher."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._pending and not self._broken:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._break()
+                    break
+                self._changed.wait(remaining)
+            watched = self._watched
+        if watched:
+            Flusher.get().forget(self)
+
+    def wait_closing(self) -> None:
+        with self._lock:
+            while not self.closing:
+                self._changed.wait()
+
+
+def _shutdown(sock: socket.socket, how: int) -> None:
+    try:
+        sock.shutdown(how)
+    except OSError:
+        pass  # already closed or not connected
+
+
+def set_receive_timeout(sock: socket.socket, seconds: float) -> None:
+    """SO_RCVTIMEO: ``recv`` fails with EAGAIN after ``seconds`` of silence, while the
+    socket stays blocking, so ``send(..., MSG_DONTWAIT)`` still never waits."""
+    whole = int(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                    struct.pack("ll", whole, int((seconds - whole) * 1e6)))
+
+
+def serve_stream(server: Any, sock: socket.socket, peer: Any, handler_class: type,
+                 register: Any = None) -> None:
+    """Run one connection to its end in the calling thread.
+
+    ``register(sock, conn)`` / ``register(sock, None)`` lets the server track it.
+    The caller closes the socket afterwards.
+    """
+    config = server.config
+    conn = StreamConnection(server, handler_class, sock, peer)
+    if register:
+        register(sock, conn)
+    exc: BaseException | None = None
+    idle = config.idle_timeout
+    if idle:
+        set_receive_timeout(sock, idle)
+    try:
+        if conn.dispatch("connection_made"):
+            exc = _read_loop(conn, sock, config)
+        conn.drain(config.shutdown_timeout)
+    finally:
+        if register:
+            register(sock, None)
+        conn.finished(exc)
+
+
+def _read_loop(conn: StreamConnection, sock: socket.socket, config: Any) -> BaseException | None:
+    high, low = config.max_buffer, config.max_buffer // 2
+    stall = config.idle_timeout or None
+    while not conn.closing:
+        if conn.buffered > high and not conn.wait_output_below(low, stall):
+            log.info("closing %s: it has not read its output for %ss", format_address(conn.peer),
+                     stall)
+            conn.abort()
+            return None
+        try:
+            data = sock.recv(RECV_SIZE)
+        except BlockingIOError:  # SO_RCVTIMEO expired
+            log.debug("closing %s: idle for %ss", format_address(conn.peer), config.idle_timeout)
+            conn.close()
+            return None
+        except OSError as exc:
+            conn.abort()
+            return exc
+        if conn.closing:
+            return None
+        if not data:
+            if conn.dispatch("eof_received"):
+                conn.wait_closing()
+            return None
+        conn.bytes_in += len(data)
+        conn.dispatch("data_received", data)
+    return None
