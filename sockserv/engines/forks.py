@@ -45,16 +45,26 @@ class ForkEngine(ServerMixin):
             self._adopt(pid)
             self.close_request(request)
             return
+        self._child_main(request, client_address)
+
+    def _child_main(self, request: Any, client_address: Any,
+                    inbox: socket.socket | None = None) -> None:
+        """The whole life of a child: serve the request (or the UDP peer), then ``_exit``."""
         status = 1
         try:
-            self._become_child(request if isinstance(request, socket.socket) else None)
-            self.finish_request(request, client_address)
+            if inbox is None:
+                self._become_child(request if isinstance(request, socket.socket) else None)
+                self.finish_request(request, client_address)
+            else:
+                self._become_child(None)
+                self._serve_peer(client_address, inbox)
             status = 0
         except Exception:
             self.handle_error(request, client_address)
         finally:
             try:
-                self.shutdown_request(request)
+                if inbox is None:
+                    self.shutdown_request(request)
             finally:
                 os._exit(status)
 
@@ -172,18 +182,10 @@ class ForkingUDPServer(ForkEngine, socketserver.UDPServer):
             self._peer_of[pid] = client_address
             self._adopt(pid)
             return
-        status = 1
-        try:
-            parent_end.close()
-            for other in self._inboxes.values():
-                other.close()
-            self._become_child(child_end)
-            self._serve_peer(client_address, child_end)
-            status = 0
-        except Exception:
-            self.handle_error(request, client_address)
-        finally:
-            os._exit(status)
+        parent_end.close()
+        for other in self._inboxes.values():
+            other.close()
+        self._child_main(request, client_address, inbox=child_end)
 
     def _serve_peer(self, peer: Any, inbox: socket.socket) -> None:
         conn = DatagramPeer(self, self.handler_class, peer)

@@ -1,0 +1,442 @@
+"""The conformance suite: the same behaviour on every engine, over TCP and UDP,
+with real sockets. New engines join by being listed in ``sockserv.engines.ENGINES``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import socketserver
+import threading
+
+import pytest
+
+import sockserv
+from sockserv import EchoHandler, Handler, LineHandler
+
+from .conftest import (
+    ENGINE_NAMES,
+    children_of,
+    connect,
+    hangup,
+    many_tcp_clients,
+    many_udp_clients,
+    recv_exactly,
+    recv_until_eof,
+    udp_client,
+    wait_for,
+)
+
+TCP_CLASSES = [sockserv.TCPServer, sockserv.ThreadingTCPServer, sockserv.ForkingTCPServer]
+UDP_CLASSES = [sockserv.UDPServer, sockserv.ThreadingUDPServer, sockserv.ForkingUDPServer]
+
+
+def has_ipv6_loopback():
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+# -- echo over every engine --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_tcp_round_trip(serve, engine):
+    server = serve(engine, EchoHandler)
+    with connect(server.server_address[1]) as sock:
+        sock.sendall(b"hello\n")
+        assert recv_exactly(sock, 6) == b"hello\n"
+
+
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_udp_round_trip_including_empty_datagram(serve, engine):
+    server = serve(engine, EchoHandler, proto="udp")
+    with udp_client() as sock:
+        for payload in (b"one", b"", b"\x00" * 1400):
+            sock.sendto(payload, server.server_address)
+            assert sock.recv(65536) == payload
+
+
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_one_mebibyte_of_random_bytes_comes_back_identical(serve, engine):
+    server = serve(engine, EchoHandler)
+    data = os.urandom(1 << 20)
+    with connect(server.server_address[1]) as sock:
+        sender = threading.Thread(target=sock.sendall, args=(data,))
+        sender.start()
+        assert recv_exactly(sock, len(data)) == data
+        sender.join(10)
+
+
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_large_udp_datagram_comes_back_whole(serve, engine):
+    server = serve(engine, EchoHandler, proto="udp")
+    data = os.urandom(60000)
+    with udp_client() as sock:
+        sock.sendto(data, server.server_address)
+        assert sock.recv(65536) == data
+
+
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_two_hundred_tcp_clients_times_one_hundred_messages(serve, engine):
+    server = serve(engine, EchoHandler)
+    assert many_tcp_clients(server.server_address[1], 200, 100) == 200 * 100
+
+
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_two_hundred_udp_clients_times_one_hundred_datagrams(serve, engine):
+    server = serve(engine, EchoHandler, proto="udp")
+    assert many_udp_clients(server.server_address[1], 200, 100) == 200 * 100
+
+
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_half_close_still_gets_every_byte_back_then_eof(serve, engine):
+    server = serve(engine, EchoHandler)
+    data = os.urandom(300_000)
+    with connect(server.server_address[1]) as sock:
+        def send_then_half_close():
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send_then_half_close)
+        sender.start()
+        assert recv_until_eof(sock) == data
+        sender.join(10)
+
+
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback")
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_ipv6(serve, engine, proto):
+    server = serve(engine, EchoHandler, proto=proto, host="::1")
+    assert server.address_family == socket.AF_INET6
+    port = server.server_address[1]
+    if proto == "tcp":
+        assert many_tcp_clients(port, 2, 3, host="::1") == 6
+    else:
+        assert many_udp_clients(port, 2, 3, host="::1") == 6
+
+
+# -- drop-in: classic socketserver handlers, unchanged --------------------------------------
+
+
+class ClassicUpper(socketserver.StreamRequestHandler):
+    def handle(self):
+        for line in self.rfile:
+            self.wfile.write(line.upper())
+
+
+class ClassicDatagramUpper(socketserver.DatagramRequestHandler):
+    def handle(self):
+        self.wfile.write(self.rfile.read().upper())
+
+
+class ClassicRaw(socketserver.BaseRequestHandler):
+    def handle(self):
+        data = self.request.recv(1024)
+        self.request.sendall(b"raw:" + data)
+
+
+@pytest.mark.parametrize("cls", TCP_CLASSES, ids=lambda c: c.__name__)
+def test_classic_stream_request_handler_runs_unchanged(serve, cls):
+    server = serve(cls, ClassicUpper)
+    with connect(server.server_address[1]) as sock:
+        sock.sendall(b"abc\ndef\n")
+        assert recv_exactly(sock, 8) == b"ABC\nDEF\n"
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_until_eof(sock) == b""
+
+
+@pytest.mark.parametrize("cls", TCP_CLASSES, ids=lambda c: c.__name__)
+def test_classic_base_request_handler_runs_unchanged(serve, cls):
+    server = serve(cls, ClassicRaw)
+    with connect(server.server_address[1]) as sock:
+        sock.sendall(b"x")
+        assert recv_until_eof(sock) == b"raw:x"
+
+
+@pytest.mark.parametrize("cls", UDP_CLASSES, ids=lambda c: c.__name__)
+def test_classic_datagram_request_handler_runs_unchanged(serve, cls):
+    server = serve(cls, ClassicDatagramUpper, proto="udp")
+    with udp_client() as sock:
+        for word in (b"abc", b"xyz"):
+            sock.sendto(word, server.server_address)
+            assert sock.recv(100) == word.upper()
+
+
+def test_constructor_is_the_stdlib_one_and_config_is_optional():
+    server = sockserv.ThreadingTCPServer(("127.0.0.1", 0), ClassicUpper, False)
+    try:
+        assert server.config == sockserv.Config()
+        assert isinstance(server, socketserver.TCPServer)
+        server.server_bind()
+        server.server_activate()
+        assert server.server_address[1] != 0
+    finally:
+        server.server_close()
+
+
+def test_classic_handler_exception_is_logged_and_server_keeps_serving(serve, caplog):
+    class Fails(socketserver.BaseRequestHandler):
+        def handle(self):
+            if self.request.recv(10) == b"boom":
+                raise RuntimeError("classic handler blew up")
+            self.request.sendall(b"fine")
+
+    server = serve("thread", Fails)
+    port = server.server_address[1]
+    with caplog.at_level(logging.ERROR, logger="sockserv"), connect(port) as sock:
+        sock.sendall(b"boom")
+        assert recv_until_eof(sock) == b""
+    wait_for(lambda: "classic handler blew up" in caplog.text, what="the logged traceback")
+    with connect(port) as sock:
+        sock.sendall(b"ok")
+        assert recv_until_eof(sock) == b"fine"
+
+
+# -- sockserv handlers on every server class --------------------------------------------
+
+
+class Upper(LineHandler):
+    def line_received(self, line):
+        self.conn.write(line.upper() + b"\n")
+
+
+class Counter(Handler):
+    """Per-peer state: answers how many datagrams this peer has sent."""
+
+    lost = []
+
+    def connection_made(self):
+        self.count = 0
+
+    def data_received(self, data):
+        self.count += 1
+        self.conn.write(b"%d" % self.count)
+
+    def connection_lost(self, exc):
+        Counter.lost.append(self.conn.peer)
+
+
+@pytest.mark.parametrize("cls", TCP_CLASSES, ids=lambda c: c.__name__)
+def test_sockserv_line_handler_on_every_tcp_class(serve, cls):
+    server = serve(cls, Upper)
+    with connect(server.server_address[1]) as sock:
+        sock.sendall(b"hello\r\nwor")
+        assert recv_exactly(sock, 6) == b"HELLO\n"
+        sock.sendall(b"ld\nlast")
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_until_eof(sock) == b"WORLD\nLAST\n"
+
+
+@pytest.mark.parametrize("cls", UDP_CLASSES, ids=lambda c: c.__name__)
+def test_sockserv_handler_keeps_one_instance_per_udp_peer(serve, cls):
+    server = serve(cls, Counter, proto="udp")
+    with udp_client() as a, udp_client() as b:
+        for expected in (b"1", b"2", b"3"):
+            a.sendto(b"x", server.server_address)
+            assert a.recv(10) == expected
+        b.sendto(b"x", server.server_address)
+        assert b.recv(10) == b"1"
+
+
+@pytest.mark.parametrize("cls", UDP_CLASSES[:2], ids=lambda c: c.__name__)
+def test_udp_peer_expires_after_udp_idle(serve, cls):
+    Counter.lost.clear()
+    server = serve(cls, Counter, proto="udp", udp_idle=0.2)
+    with udp_client() as sock:
+        sock.sendto(b"x", server.server_address)
+        assert sock.recv(10) == b"1"
+        me = sock.getsockname()[1]
+        wait_for(lambda: me in [port for _, port in Counter.lost], what="the peer to expire")
+        sock.sendto(b"x", server.server_address)
+        assert sock.recv(10) == b"1"  # a new instance
+
+
+def test_forked_udp_peer_expires_after_udp_idle(serve):
+    server = serve("fork", Counter, proto="udp", udp_idle=0.2)
+    with udp_client() as sock:
+        sock.sendto(b"x", server.server_address)
+        assert sock.recv(10) == b"1"
+        wait_for(lambda: server.live_count() == 0, what="the peer's child to exit")
+        sock.sendto(b"x", server.server_address)
+        assert sock.recv(10) == b"1"
+
+
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_handler_exception_closes_only_that_connection(serve, engine, caplog):
+    class Picky(LineHandler):
+        def line_received(self, line):
+            if line == b"boom":
+                raise ValueError("handler blew up")
+            self.conn.write(line + b"\n")
+
+    server = serve(engine, Picky)
+    port = server.server_address[1]
+    with connect(port) as good, connect(port) as bad:
+        good.sendall(b"a\n")
+        assert recv_exactly(good, 2) == b"a\n"
+        bad.sendall(b"boom\n")
+        assert recv_until_eof(bad) == b""
+        good.sendall(b"b\n")
+        assert recv_exactly(good, 2) == b"b\n"
+    if engine == "thread":  # a forked child logs to its own stderr
+        failures = [r for r in caplog.records if "Picky.data_received failed" in r.message]
+        assert len(failures) == 1 and failures[0].exc_info
+
+
+def test_write_from_another_thread_never_blocks_and_arrives(serve):
+    """A slow reader: writes from a foreign thread return at once; data arrives later."""
+    conns = []
+
+    class Collect(Handler):
+        def connection_made(self):
+            conns.append(self.conn)
+
+    server = serve("thread", Collect, max_buffer=1 << 30)
+    with connect(server.server_address[1]) as sock:
+        wait_for(lambda: conns, what="the connection")
+        chunk = os.urandom(64 * 1024)
+        for _ in range(100):  # 6.4 MB: far more than the socket buffers hold
+            conns[0].write(chunk)
+        assert conns[0].buffered > 0
+        conns[0].close()
+        assert recv_until_eof(sock) == chunk * 100
+
+
+# -- limits ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_over_max_connections_new_clients_wait_in_the_backlog(serve, engine):
+    server = serve(engine, EchoHandler, max_connections=2)
+    port = server.server_address[1]
+    first, second = connect(port), connect(port)
+    for sock in (first, second):
+        sock.sendall(b"x")
+        assert recv_exactly(sock, 1) == b"x"
+    third = connect(port, timeout=0.5)  # accepted by the kernel, not by the server
+    third.sendall(b"waiting")
+    with pytest.raises(TimeoutError):
+        third.recv(10)
+    hangup(first)
+    third.settimeout(10)
+    assert recv_exactly(third, 7) == b"waiting"
+    hangup(second)
+    hangup(third)
+
+
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_idle_timeout_closes_a_silent_connection(serve, engine):
+    server = serve(engine, EchoHandler, idle_timeout=0.2)
+    with connect(server.server_address[1]) as sock:
+        sock.sendall(b"hi")
+        assert recv_exactly(sock, 2) == b"hi"
+        assert recv_until_eof(sock) == b""
+
+
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_a_client_that_does_not_read_is_paused_then_gets_everything(serve, engine):
+    server = serve(engine, EchoHandler, max_buffer=64 * 1024)
+    with connect(server.server_address[1]) as sock:
+        sock.setblocking(False)
+        sent = bytearray()
+        block = os.urandom(64 * 1024)
+        while len(sent) < 64 << 20:  # stop when the server stops reading (all buffers full)
+            try:
+                n = sock.send(block)
+            except BlockingIOError:
+                import selectors
+
+                with selectors.DefaultSelector() as sel:
+                    sel.register(sock, selectors.EVENT_WRITE)
+                    if not sel.select(1.0):
+                        break
+                continue
+            sent += block[:n]
+        assert len(sent) < 64 << 20, "the server kept reading from a client that never reads"
+        sock.settimeout(10)
+        assert recv_exactly(sock, len(sent)) == bytes(sent)
+
+
+def test_threads_are_released_when_connections_finish(serve):
+    server = serve("thread", EchoHandler)
+    before = threading.active_count()
+    socks = [connect(server.server_address[1]) for _ in range(20)]
+    wait_for(lambda: server.live_count() == 20, what="20 live connections")
+    for sock in socks:
+        sock.close()
+    wait_for(lambda: server.live_count() == 0, what="threads to finish")
+    wait_for(lambda: threading.active_count() <= before + 1, what="threads to be gone")
+
+
+def test_forked_children_are_reaped_promptly(serve):
+    server = serve("fork", EchoHandler)
+    for _ in range(10):
+        sock = connect(server.server_address[1])
+        sock.sendall(b"x")
+        assert recv_exactly(sock, 1) == b"x"
+        hangup(sock)
+    wait_for(lambda: server.live_count() == 0, what="children reaped")
+    assert [pid for pid, state in children_of(os.getpid()) if state == "Z"] == []
+    assert server.stats.connections_total == 10
+
+
+# -- shutdown ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_server_close_ends_connections_gracefully(engine):
+    config = sockserv.Config(engine=engine, port=0, shutdown_timeout=5)
+    server = sockserv.make_server(config, EchoHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    server.wait_serving(5)
+    with connect(server.server_address[1]) as sock:
+        sock.sendall(b"pending")
+        assert recv_exactly(sock, 7) == b"pending"
+        server.shutdown()
+        thread.join(5)
+        assert not thread.is_alive()
+        server.server_close()  # the client sees end of stream, not a reset
+        assert recv_until_eof(sock) == b""
+    assert server.live_count() == 0
+
+
+def test_shutdown_timeout_aborts_connections_that_do_not_finish():
+    class Stubborn(Handler):
+        def eof_received(self):
+            pass  # keeps the connection open after end of input
+
+    config = sockserv.Config(port=0, shutdown_timeout=0.2)
+    server = sockserv.ThreadingTCPServer(("127.0.0.1", 0), Stubborn, config=config)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    server.wait_serving(5)
+    with connect(server.server_address[1]) as sock:
+        wait_for(lambda: server.live_count() == 1, what="the connection")
+        server.shutdown()
+        assert server.close_connections(0.2) == 1
+        assert recv_until_eof(sock) == b""
+    server.server_close()
+
+
+def test_shutdown_from_the_serving_thread_does_not_deadlock(serve):
+    class StopsServer(Handler):
+        def data_received(self, data):
+            self.conn.server.shutdown()
+            self.conn.write(b"bye")
+            self.conn.close()
+
+    server = sockserv.TCPServer(("127.0.0.1", 0), StopsServer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    with connect(server.server_address[1]) as sock:
+        sock.sendall(b"stop")
+        assert recv_until_eof(sock) == b"bye"
+    thread.join(5)
+    assert not thread.is_alive()
+    server.server_close()
