@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import logging
 import os
@@ -29,6 +30,12 @@ class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line and exit 2 (no usage dump)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        if message.startswith("unrecognized arguments: "):
+            flag = message.split()[2]
+            known = ["--" + name.replace("_", "-") for name in SETTINGS]
+            close = difflib.get_close_matches(flag.partition("=")[0], known, n=1)
+            if close:
+                message += f" (did you mean {close[0]}?)"
         self.exit(2, f"sockserv: error: {message}\n")
 
 
@@ -38,8 +45,9 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
             continue
         flag = "--" + name.replace("_", "-")
         parse = field.metadata["parse"]
-        default = "derived" if field.default is None else field.default
-        help_text = f"{field.metadata['help']} (default: {default})"
+        help_text = field.metadata["help"]
+        if field.default is not None:
+            help_text += f" (default: {field.default})"
         if field.type in ("bool", bool):
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
@@ -51,13 +59,15 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="sockserv",
+    parser = Parser(prog="sockserv", allow_abbrev=False,
                     description="Classic socket servers: echo, push, your own handlers.")
     parser.add_argument("--version", action="version", version=f"sockserv {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    echo = commands.add_parser("echo", help="RFC 862 echo server (default port 7007)")
+    echo = commands.add_parser("echo", help="RFC 862 echo server (default port 7007)",
+                               allow_abbrev=False)
     _add_settings(echo)
-    serve = commands.add_parser("serve", help="serve a Handler subclass given as MODULE:CLASS")
+    serve = commands.add_parser("serve", help="serve a Handler subclass given as MODULE:CLASS",
+                                allow_abbrev=False)
     serve.add_argument("spec", metavar="MODULE:CLASS", help="e.g. myapp.handlers:Upper")
     _add_settings(serve)
     return parser
@@ -86,7 +96,8 @@ def resolve_handler(service: str) -> type:
         if obj is None:
             raise ConfigError(f"service: module {module_name!r} has no {class_name!r}")
     if not (isinstance(obj, type) and issubclass(obj, Handler | socketserver.BaseRequestHandler)):
-        raise ConfigError(f"service: {service} is not a sockserv.Handler subclass")
+        raise ConfigError(f"service: {service} is not a sockserv.Handler "
+                          "(or socketserver.BaseRequestHandler) subclass")
     return obj
 
 
@@ -144,7 +155,15 @@ def reload(server: Any) -> None:
              if not f.metadata["live"] and getattr(new, name) != getattr(old, name)]
     if fixed:
         log.warning("reload: %s need(s) a restart to change", ", ".join(fixed))
-        new = new.replace(**{name: getattr(old, name) for name in fixed})
+        # Load again with the running values pinned, so values derived from them
+        # (max_connections from engine, port from service) follow the running ones.
+        new = load_config({**flags, **{name: getattr(old, name) for name in fixed}},
+                          service=old.service)
+        for name in fixed:
+            new.sources.pop(name, None)
+            if name in old.sources:
+                new.sources[name] = old.sources[name]
+    changed = [name for name in SETTINGS if getattr(new, name) != getattr(old, name)]
     server.config = new
     setup_logging(new.log_level)
-    log.info("reloaded config")
+    log.info("reloaded config (changed: %s)", ", ".join(changed) or "nothing")

@@ -34,6 +34,16 @@ def _text(value: Any) -> str:
     return value
 
 
+def _named(parse: Callable[[Any], Any], metavar: str) -> Callable[[Any], Any]:
+    """The same parser, shown as ``metavar`` in --help."""
+
+    def wrapped(value: Any) -> Any:
+        return parse(value)
+
+    wrapped.metavar = metavar  # type: ignore[attr-defined]
+    return wrapped
+
+
 def _choice(*choices: str) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         if value not in choices:
@@ -110,10 +120,12 @@ class Config:
     (file, env, flags) or directly, e.g. ``Config(port=0, engine="fork")``;
     every value is validated either way."""
 
-    service: str = setting("echo", _text, "what to serve: echo, push, or MODULE:CLASS of a Handler")
+    service: str = setting("echo", _text, "what to serve: echo or MODULE:CLASS of a Handler "
+                           "(the CLI command sets it)")
     engine: str = setting("thread", _choice("thread", "fork"), "concurrency model")
     proto: str = setting("tcp", _choice("tcp", "udp"), "transport")
-    host: str = setting("127.0.0.1", _text, "address to bind (IPv4 or IPv6, e.g. ::1)")
+    host: str = setting("127.0.0.1", _named(_text, "HOST"),
+                        "address to bind (IPv4 or IPv6, e.g. ::1)")
     port: int = setting(None, _optional(_integer(0, 65535)),
                         "port to bind, 0 for any (default 7007 for echo, 7070 for push)")
     backlog: int = setting(1024, _integer(1, 1 << 20), "TCP listen backlog")
@@ -134,7 +146,8 @@ class Config:
     log_level: str = setting("info", _choice("debug", "info", "warning", "error"),
                              "logging threshold", live=True)
     access_log: bool = setting(False, _boolean, "log one line per connection", live=True)
-    config: str = setting(None, _optional(_text), "TOML file to read settings from")
+    config: str = setting(None, _optional(_named(_text, "FILE")),
+                          "TOML file to read settings from")
 
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 

@@ -215,7 +215,7 @@ def many_tcp_clients(port, clients, messages, size=32, timeout=60.0, host="127.0
 
     sel = selectors.DefaultSelector()
     state = {}
-    for i in range(clients):
+    for _ in range(clients):
         sock = socket.create_connection((host, port), timeout=10)
         sock.setblocking(False)
         state[sock] = [0, b"", None]  # messages done, bytes received, payload expected

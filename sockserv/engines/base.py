@@ -48,6 +48,10 @@ class Stats:
         with self._lock:
             self.connections_active -= 1
 
+    def drop(self) -> None:
+        with self._lock:
+            self.dropped += 1
+
     def add_traffic(self, bytes_in: int, bytes_out: int) -> None:
         with self._lock:
             self.bytes_in += bytes_in

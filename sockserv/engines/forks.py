@@ -166,12 +166,12 @@ class ForkingUDPServer(ForkEngine, socketserver.UDPServer):
                 inbox.send(b"d" + data, socket.MSG_DONTWAIT)
                 return
             except BlockingIOError:
-                self.stats.dropped += 1
+                self.stats.drop()
                 return
             except OSError:  # the child just expired: start a new one
                 pass
         if len(self._children) >= self.config.max_connections:
-            self.stats.dropped += 1
+            self.stats.drop()
             return
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         parent_end.send(b"d" + data)  # the prefix keeps an empty datagram apart from EOF

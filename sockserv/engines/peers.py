@@ -31,7 +31,7 @@ class DatagramPeer(Connection):
         try:
             self.bytes_out += self.sock.sendto(data, socket.MSG_DONTWAIT, self.peer)
         except OSError:  # EAGAIN, EMSGSIZE, or the peer's ICMP error: UDP loses it
-            self.server.stats.dropped += 1
+            self.server.stats.drop()
 
     def close(self) -> None:
         self.closing = True

@@ -33,7 +33,7 @@ class UDPServer(ServerMixin, socketserver.UDPServer):
         entry = self._peers.get(client_address)
         if entry is None:
             if len(self._peers) >= self.config.max_connections:
-                self.stats.dropped += 1
+                self.stats.drop()
                 return
             conn = DatagramPeer(self, self.handler_class, client_address)
             self.stats.opened()

@@ -149,7 +149,7 @@ class ThreadingUDPServer(ThreadEngine, socketserver.UDPServer):
             inbox = self._peers.get(client_address)
             if inbox is None:
                 if self._workers >= self.config.max_connections:
-                    self.stats.dropped += 1
+                    self.stats.drop()
                     return
                 inbox = self._peers[client_address] = queue.SimpleQueue()
                 start = True
