@@ -58,18 +58,33 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
                         help="print the effective config as TOML (with sources) and exit")
 
 
+# The server commands: each takes every setting as a flag and runs a server.
+SERVER_COMMANDS = {
+    "echo": "RFC 862 echo server (default port 7007)",
+    "serve": "serve a Handler subclass given as MODULE:CLASS",
+}
+
+# The client tools: command -> module of this package with ``add_arguments(parser)``
+# and ``main(args) -> int`` (exit status).
+TOOL_COMMANDS: dict[str, str] = {
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="sockserv", allow_abbrev=False,
                     description="Classic socket servers: echo, push, your own handlers.")
     parser.add_argument("--version", action="version", version=f"sockserv {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    echo = commands.add_parser("echo", help="RFC 862 echo server (default port 7007)",
-                               allow_abbrev=False)
-    _add_settings(echo)
-    serve = commands.add_parser("serve", help="serve a Handler subclass given as MODULE:CLASS",
-                                allow_abbrev=False)
-    serve.add_argument("spec", metavar="MODULE:CLASS", help="e.g. myapp.handlers:Upper")
-    _add_settings(serve)
+    for name, help_text in SERVER_COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, allow_abbrev=False)
+        if name == "serve":
+            sub.add_argument("spec", metavar="MODULE:CLASS", help="e.g. myapp.handlers:Upper")
+        _add_settings(sub)
+    for name, module_name in TOOL_COMMANDS.items():
+        module = importlib.import_module(f".{module_name}", __package__)
+        sub = commands.add_parser(name, help=module.__doc__.splitlines()[0], allow_abbrev=False)
+        module.add_arguments(sub)
+        sub.set_defaults(tool=module)
     return parser
 
 
@@ -104,6 +119,8 @@ def resolve_handler(service: str) -> type:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 runtime failure, 2 bad config)."""
     args = build_parser().parse_args(argv)
+    if hasattr(args, "tool"):
+        return args.tool.main(args)
     flags = {k: v for k, v in vars(args).items() if k in SETTINGS}
     service = args.spec if args.command == "serve" else args.command
     try:
