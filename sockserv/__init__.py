@@ -9,6 +9,8 @@ from .config import Config, ConfigError
 from .engines import (
     ForkingTCPServer,
     ForkingUDPServer,
+    SelectorTCPServer,
+    SelectorUDPServer,
     TCPServer,
     ThreadingTCPServer,
     ThreadingUDPServer,
@@ -27,6 +29,8 @@ __all__ = [
     "Handler",
     "LineFramer",
     "LineHandler",
+    "SelectorTCPServer",
+    "SelectorUDPServer",
     "TCPServer",
     "ThreadingTCPServer",
     "ThreadingUDPServer",

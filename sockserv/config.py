@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import resource
 import tomllib
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -18,7 +19,13 @@ __all__ = ["Config", "ConfigError", "SETTINGS", "load_config", "to_toml"]
 
 ENV_PREFIX = "SOCKSERV_"
 DEFAULT_PORTS = {"echo": 7007, "push": 7070}
-DEFAULT_MAX_CONNECTIONS = {"thread": 1000, "fork": 256}
+DEFAULT_MAX_CONNECTIONS = {"select": 0, "thread": 1000, "fork": 256}  # 0: from RLIMIT_NOFILE
+
+
+def descriptor_limit() -> int:
+    """Connections one process can hold: its RLIMIT_NOFILE less a reserve for other files."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(64, soft - 100) if soft != resource.RLIM_INFINITY else 1 << 20
 
 
 class ConfigError(Exception):
@@ -122,7 +129,8 @@ class Config:
 
     service: str = setting("echo", _text, "what to serve: echo or MODULE:CLASS of a Handler "
                            "(the CLI command sets it)")
-    engine: str = setting("thread", _choice("thread", "fork"), "concurrency model")
+    engine: str = setting("select", _choice("select", "thread", "fork"),
+                          "concurrency model: one event loop, a thread or a process per client")
     proto: str = setting("tcp", _choice("tcp", "udp"), "transport")
     host: str = setting("127.0.0.1", _named(_text, "HOST"),
                         "address to bind (IPv4 or IPv6, e.g. ::1)")
@@ -131,7 +139,8 @@ class Config:
     backlog: int = setting(1024, _integer(1, 1 << 20), "TCP listen backlog")
     max_connections: int = setting(
         None, _optional(_integer(1, 1 << 24)),
-        "most connections (TCP) or peers (UDP) served at once (default: thread 1000, fork 256)",
+        "most connections (TCP) or peers (UDP) served at once "
+        "(default: select: RLIMIT_NOFILE less 100, thread 1000, fork 256)",
         live=True)
     idle_timeout: float = setting(0.0, _seconds, "close a connection silent this long, 0 = never",
                                   live=True)
@@ -162,7 +171,8 @@ class Config:
         if self.port is None:
             object.__setattr__(self, "port", DEFAULT_PORTS.get(self.service, DEFAULT_PORTS["echo"]))
         if self.max_connections is None:
-            object.__setattr__(self, "max_connections", DEFAULT_MAX_CONNECTIONS[self.engine])
+            limit = DEFAULT_MAX_CONNECTIONS[self.engine] or descriptor_limit()
+            object.__setattr__(self, "max_connections", limit)
 
     def replace(self, **changes: Any) -> Config:
         """A copy with some settings changed (and validated)."""

@@ -36,6 +36,8 @@ class Connection:
     logged traceback and an aborted connection.
     """
 
+    __slots__ = ()  # engines may use slots; subclasses without them get a __dict__
+
     datagram = False  #: True for a UDP peer: each data_received is one whole datagram
 
     def __init__(self, server: Any, handler_class: type[Handler], peer: Any, local: Any) -> None:

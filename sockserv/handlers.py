@@ -27,6 +27,9 @@ class Handler:
     ``write(data)``, ``close()``, ``server``.
     """
 
+    # ``conn`` in a slot keeps an idle handler small; other attributes go to __dict__.
+    __slots__ = ("conn", "__dict__")
+
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
 

@@ -20,8 +20,8 @@ def toml_file(tmp_path):
 def test_defaults():
     config = load_config({}, environ={})
     assert (config.host, config.port, config.engine, config.proto) == ("127.0.0.1", 7007,
-                                                                        "thread", "tcp")
-    assert config.max_connections == 1000
+                                                                        "select", "tcp")
+    assert config.max_connections > 1000  # from RLIMIT_NOFILE
     assert config.sources == {}
 
 
@@ -31,7 +31,12 @@ def test_port_default_follows_the_service():
 
 
 def test_max_connections_default_follows_the_engine():
+    import resource
+
     assert Config(engine="fork").max_connections == 256
+    assert Config(engine="thread").max_connections == 1000
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert Config(engine="select").max_connections == max(64, soft - 100)
 
 
 def test_precedence_defaults_file_env_flags(toml_file):
@@ -62,7 +67,8 @@ def test_booleans_parse_from_strings_and_toml(toml_file):
     ({}, {"SOCKSERV_PORT": "70000"},
      "port: 70000 is out of range 0-65535 (from SOCKSERV_PORT)"),
     ({"port": "http"}, {}, "port: 'http' is not an integer (from --port)"),
-    ({"engine": "tornado"}, {}, "engine: 'tornado' is not one of thread, fork (from --engine)"),
+    ({"engine": "tornado"}, {},
+     "engine: 'tornado' is not one of select, thread, fork (from --engine)"),
     ({"proto": "sctp"}, {}, "proto: 'sctp' is not one of tcp, udp (from --proto)"),
     ({"idle_timeout": "-1"}, {}, "idle_timeout: -1.0 is out of range 0 or more"),
     ({"idle_timeout": "soon"}, {}, "idle_timeout: 'soon' is not a number of seconds"),

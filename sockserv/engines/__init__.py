@@ -1,7 +1,7 @@
 """The engines, and :func:`make_server`, which picks one from a Config.
 
-``thread`` and ``fork`` build on ``socketserver``; each server class is a
-drop-in for the stdlib class of the same name.
+``select`` is one event loop per process; ``thread`` and ``fork`` build on
+``socketserver``'s mixins. Every server class takes the stdlib constructor.
 """
 
 from __future__ import annotations
@@ -12,14 +12,18 @@ from ..config import Config
 from .base import ServerMixin, Stats
 from .forks import ForkingTCPServer, ForkingUDPServer
 from .plain import TCPServer, UDPServer
+from .selector import SelectorTCPServer, SelectorUDPServer
 from .threads import ThreadingTCPServer, ThreadingUDPServer
 
 __all__ = [
-    "ENGINES", "ForkingTCPServer", "ForkingUDPServer", "ServerMixin", "Stats", "TCPServer",
-    "ThreadingTCPServer", "ThreadingUDPServer", "UDPServer", "make_server",
+    "ENGINES", "ForkingTCPServer", "ForkingUDPServer", "SelectorTCPServer", "SelectorUDPServer",
+    "ServerMixin", "Stats", "TCPServer", "ThreadingTCPServer", "ThreadingUDPServer", "UDPServer",
+    "make_server",
 ]
 
 ENGINES: dict[tuple[str, str], type[ServerMixin]] = {
+    ("select", "tcp"): SelectorTCPServer,
+    ("select", "udp"): SelectorUDPServer,
     ("thread", "tcp"): ThreadingTCPServer,
     ("thread", "udp"): ThreadingUDPServer,
     ("fork", "tcp"): ForkingTCPServer,

@@ -1,0 +1,619 @@
+"""The ``select`` engine: every connection of the process on one non-blocking event
+loop over ``selectors.DefaultSelector`` (epoll on Linux).
+
+The loop only moves bytes: readable -> ``recv`` -> ``handler.data_received``;
+``conn.write`` sends at once what the kernel takes and queues the rest until
+the socket is writable. Flow control: above ``max_buffer`` unsent bytes a
+connection is no longer read until its output drains below half of that.
+Timers (idle timeouts, accept back-off, close deadlines) and a wakeup pipe
+drive the loop; nothing polls.
+
+At ``max_connections`` the listener is taken out of the loop, so new
+connections wait in the kernel backlog. When ``accept`` fails for lack of
+descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM) accepting pauses
+with a back-off from 10 ms doubling to 1 s, logged at most once a second.
+
+A classic ``socketserver`` handler is blocking code: on this engine each such
+TCP connection runs in a thread of its own, and each UDP datagram is handled
+inline, as ``socketserver.UDPServer`` does.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import selectors
+import socket
+import socketserver
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from ..connection import Connection, format_address
+from ..timers import IdleWheel, Timers
+from .base import ServerMixin
+from .peers import DatagramPeer
+
+__all__ = ["SelectorTCPServer", "SelectorUDPServer"]
+
+log = logging.getLogger("sockserv")
+
+READ = selectors.EVENT_READ
+WRITE = selectors.EVENT_WRITE
+RECV_SIZE = 65536
+ACCEPT_BATCH = 128  # connections accepted per wakeup of the listener
+DATAGRAM_BATCH = 64  # datagrams read per wakeup of a UDP socket
+LINGER = 2.0  # seconds a closed connection keeps draining input, so the peer sees no reset
+RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+class _Callback:
+    """Adapts a plain callback (``watch(fd, fn)``, the wakeup pipe) to the loop's protocol."""
+
+    __slots__ = ("on_readable",)
+
+    def __init__(self, callback: Callable[[], Any]) -> None:
+        self.on_readable = callback
+
+
+class SelectorConnection(Connection):
+    """A TCP connection on the event loop (see the module doc)."""
+
+    __slots__ = ("sock", "fd", "loop", "handler", "closing", "closed", "bytes_in", "bytes_out",
+                 "started", "last", "_peer", "_out", "_pending", "_events", "_eof", "_close_timer")
+
+    def __init__(self, loop: SelectorEngine, sock: socket.socket, handler_class: type) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.loop = loop
+        self.closing = False
+        self.closed = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.started = self.last = loop.now
+        self._out: deque[bytes | memoryview] | None = None
+        self._pending = 0
+        self._events = READ
+        self._eof = False
+        self._close_timer: Any = None
+        self._peer = None  # asked of the kernel when needed: idle connections stay small
+        self.handler = handler_class(self)
+
+    # -- what the handler uses ----------------------------------------------------------
+
+    @property
+    def server(self) -> Any:
+        return self.loop
+
+    @property
+    def peer(self) -> Any:
+        if self._peer is None and not self.closed:
+            try:
+                self._peer = self.sock.getpeername()
+            except OSError:
+                pass
+        return self._peer
+
+    @property
+    def local(self) -> Any:
+        return self.loop.server_address
+
+    @property
+    def buffered(self) -> int:
+        return self._pending
+
+    def write(self, data: bytes) -> None:
+        if self.closing:
+            return
+        loop = self.loop
+        if threading.get_ident() != loop.loop_thread:
+            loop.call_soon_threadsafe(self.write, bytes(data))
+            return
+        if self._out:
+            self._out.append(data)
+            self._pending += len(data)
+            if self._pending > loop.config.max_buffer and self._events & READ:
+                self._set_events(WRITE)  # stop reading until the output drains
+            return
+        if not data:
+            return
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._lost(exc)
+            return
+        self.bytes_out += sent
+        if sent < len(data):
+            self._out = deque((memoryview(data)[sent:],))
+            self._pending = len(data) - sent
+            if self._pending > loop.config.max_buffer:
+                self._set_events(WRITE)
+            else:
+                self._set_events(self._events | WRITE)
+
+    def close(self) -> None:
+        """Stop reading, flush what was written, then close (bounded by shutdown_timeout)."""
+        if self.closing:
+            return
+        loop = self.loop
+        if threading.get_ident() != loop.loop_thread:
+            loop.call_soon_threadsafe(self.close)
+            return
+        self.closing = True
+        if self._pending:
+            self._set_events(WRITE)
+            self._close_timer = loop.timers.call_at(loop.now + loop.config.shutdown_timeout,
+                                                    self.abort)
+        else:
+            self._linger()
+
+    def abort(self) -> None:
+        if threading.get_ident() != self.loop.loop_thread:
+            self.loop.call_soon_threadsafe(self.abort)
+            return
+        self.closing = True
+        self._finish(None)
+
+    # -- what the loop calls ------------------------------------------------------------
+
+    def on_readable(self) -> None:
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(exc)
+            return
+        if self.closing:  # lingering: input after close is read and dropped
+            if not data:
+                self._finish(None)
+            return
+        self.last = self.loop.now
+        if data:
+            self.bytes_in += len(data)
+            try:
+                self.handler.data_received(data)
+            except Exception:
+                self._handler_failed("data_received")
+            return
+        self._eof = True
+        self._set_events(self._events & ~READ)
+        try:
+            self.handler.eof_received()
+        except Exception:
+            self._handler_failed("eof_received")
+
+    def on_writable(self) -> None:
+        out = self._out
+        if not out:
+            return
+        if len(out) > 1:
+            joined = b"".join(out)
+            out.clear()
+            out.append(joined)
+        chunk = out[0]
+        try:
+            sent = self.sock.send(chunk)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(exc)
+            return
+        self.bytes_out += sent
+        self._pending -= sent
+        self.last = self.loop.now
+        if sent < len(chunk):
+            out[0] = memoryview(chunk)[sent:]
+        else:
+            out.clear()
+        if self.closing:
+            if not self._pending:
+                self._linger()
+        elif not self._pending:
+            self._set_events(READ if not self._eof else 0)
+        elif not self._events & READ and not self._eof and \
+                self._pending <= self.loop.config.max_buffer // 2:
+            self._set_events(READ | WRITE)
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _set_events(self, events: int) -> None:
+        if events != self._events and not self.closed:
+            self._events = events
+            self.loop.set_events(self, events)
+
+    def _linger(self) -> None:
+        """Output is flushed: half-close, then read and drop input until the peer's FIN, so
+        the peer reads our last bytes instead of a reset (bounded by LINGER seconds)."""
+        if self._eof:
+            self._finish(None)
+            return
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._finish(None)
+            return
+        self._set_events(READ)
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+        loop = self.loop
+        self._close_timer = loop.timers.call_at(loop.now + LINGER, lambda: self._finish(None))
+
+    def _lost(self, exc: BaseException | None) -> None:
+        self.closing = True
+        self._finish(exc)
+
+    def _handler_failed(self, callback: str) -> None:
+        log.exception("handler %s.%s failed for %s; closing it", type(self.handler).__name__,
+                      callback, format_address(self.peer))
+        self.closing = True
+        self._finish(None)
+
+    def _finish(self, exc: BaseException | None) -> None:
+        if self.closed:
+            return
+        if self.loop.config.access_log:
+            self.peer  # noqa: B018 -- remember it for the access log before the socket goes
+        self.closed = True
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+        self._out = None
+        self._pending = 0
+        self.loop.forget(self)
+        self.sock.close()
+        self.finished(exc)
+
+
+class SelectorEngine(ServerMixin):
+    """The event loop shared by the selector servers.
+
+    Besides the ServerMixin API, code on the loop's thread may use ``now`` (the
+    loop's clock), ``timers.call_at(when, fn)``, and from any thread
+    ``call_soon_threadsafe(fn, *args)``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.timers = Timers()
+        self.now = time.monotonic()
+        self.loop_thread: int | None = None
+        self._calls: deque[tuple[Callable[..., Any], tuple]] = deque()
+        self._conns = 0
+        self._accepting = False
+        self._accept_pause = 0.0
+        self._wheel: IdleWheel | None = None
+        super().__init__(*args, **kwargs)
+        self._selector.modify(self._wake_r, READ, _Callback(self._on_wakeup))
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def serve_forever(self, poll_interval: float | None = None) -> None:
+        """Run the event loop until :meth:`shutdown`; ``poll_interval`` is ignored."""
+        self._stopped.clear()
+        self._serve_thread = self.loop_thread = threading.get_ident()
+        self.socket.setblocking(False)
+        self._start_serving()
+        try:
+            self._serving.set()
+            while not self._stop_requested:
+                self.run_once()
+        finally:
+            self._stop_serving()
+            self._stop_requested = False
+            self._serving.clear()
+            self._stopped.set()
+
+    def run_once(self, timeout: float | None = None) -> None:
+        """One turn of the loop: wait for events or the next timer, then handle them."""
+        deadline = self.timers.next_deadline()
+        if self._calls:
+            timeout = 0.0
+        elif deadline is not None:
+            wait = max(0.0, deadline - time.monotonic())
+            timeout = wait if timeout is None else min(timeout, wait)
+        events = self._selector.select(timeout)
+        self.now = time.monotonic()
+        for key, mask in events:
+            obj = key.data
+            if mask & READ:
+                obj.on_readable()
+            if mask & WRITE and not getattr(obj, "closed", False):
+                obj.on_writable()
+        if deadline is not None:
+            self.timers.run_due(self.now)
+        while self._calls:
+            fn, args = self._calls.popleft()
+            fn(*args)
+
+    def call_soon_threadsafe(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on the loop's thread, soon. Safe from any thread."""
+        self._calls.append((fn, args))
+        self.wakeup()
+
+    def _on_wakeup(self) -> None:
+        self._drain_wakeup()
+
+    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+        self._selector.register(fd, READ, _Callback(callback))
+
+    def set_events(self, conn: SelectorConnection, events: int) -> None:
+        if events:
+            if conn.fd in self._selector.get_map():
+                self._selector.modify(conn.fd, events, conn)
+            else:
+                self._selector.register(conn.fd, events, conn)
+        elif conn.fd in self._selector.get_map():
+            self._selector.unregister(conn.fd)
+
+    def forget(self, conn: Any) -> None:
+        """A connection is closed: take it out of the loop and free its slot."""
+        if getattr(conn, "fd", None) is not None and conn.fd in self._selector.get_map():
+            self._selector.unregister(conn.fd)
+        self._conns -= 1
+        self.stats.closed()
+        if not self._accepting and not self._stop_requested and not self._closing_down:
+            self._update_accepting()
+
+    # -- accepting (overridden for UDP) -------------------------------------------------
+
+    _closing_down = False
+
+    def _start_serving(self) -> None:
+        if self.config.idle_timeout:
+            self._wheel = IdleWheel(self.timers, self.config.idle_timeout, self._expire_idle)
+        self._update_accepting()
+
+    def _stop_serving(self) -> None:
+        self._set_accepting(False)
+
+    def has_capacity(self) -> bool:
+        return self._conns < self.config.max_connections
+
+    def _update_accepting(self) -> None:
+        self._set_accepting(self.has_capacity() and self.now >= self._accept_pause
+                            and not self._stop_requested)
+
+    def _set_accepting(self, on: bool) -> None:
+        if on != self._accepting:
+            self._accepting = on
+            if on:
+                self._selector.register(self.socket, READ, _Callback(self._accept))
+            else:
+                self._selector.unregister(self.socket)
+
+    def _accept(self) -> None:
+        listener = self.socket
+        handler_class = self.handler_class
+        max_conns = self.config.max_connections
+        nodelay = self.address_family in (socket.AF_INET, socket.AF_INET6)
+        for _ in range(ACCEPT_BATCH):
+            if self._conns >= max_conns:
+                break
+            try:
+                sock, addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                if exc.errno in RESOURCE_ERRORS:
+                    self._back_off(exc)
+                    return
+                continue  # ECONNABORTED and the like: that client is gone
+            self._accept_pause_step = 0.0
+            if not self.verify_request(sock, addr):
+                sock.close()
+                continue
+            self._conns += 1
+            self.stats.opened()
+            if handler_class is None:
+                self._serve_classic(sock, addr)
+                continue
+            sock.setblocking(False)
+            if nodelay:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._start_connection(sock, handler_class)
+        self._update_accepting()
+
+    _accept_pause_step = 0.0
+    _last_resource_log = 0.0
+
+    def _back_off(self, exc: OSError) -> None:
+        """Out of descriptors or memory: stop accepting for a while, doubling up to 1 s."""
+        step = self._accept_pause_step = min(1.0, max(0.01, self._accept_pause_step * 2))
+        self._accept_pause = self.now + step
+        self._set_accepting(False)
+        if self.now - self._last_resource_log >= 1.0:
+            self._last_resource_log = self.now
+            log.warning("accept failed (%s): pausing accepting for %.2fs, %d connections open",
+                        exc.strerror or exc, step, self._conns)
+        self.timers.call_at(self._accept_pause, self._update_accepting)
+
+    def _start_connection(self, sock: socket.socket, handler_class: type) -> None:
+        conn = SelectorConnection(self, sock, handler_class)
+        self._selector.register(conn.fd, READ, conn)
+        if self._wheel is not None:
+            self._wheel.add(conn)
+        try:
+            conn.handler.connection_made()
+        except Exception:
+            conn._handler_failed("connection_made")
+
+    def _expire_idle(self, conn: SelectorConnection) -> None:
+        log.debug("closing %s: idle for %ss", format_address(conn.peer), self.config.idle_timeout)
+        conn.close()
+
+    def _serve_classic(self, sock: socket.socket, addr: Any) -> None:
+        """A classic (blocking) handler gets a thread of its own."""
+        def run() -> None:
+            try:
+                self.finish_request(sock, addr)
+            except Exception:
+                self.handle_error(sock, addr)
+            finally:
+                self.shutdown_request(sock)
+                self.call_soon_threadsafe(self.forget, None)
+
+        self._classic[sock] = None
+        threading.Thread(target=run, daemon=True).start()
+
+    @property
+    def _classic(self) -> dict[socket.socket, None]:
+        classic = self.__dict__.get("_classic_socks")
+        if classic is None:
+            classic = self.__dict__["_classic_socks"] = {}
+        return classic
+
+    def shutdown_request(self, request: Any) -> None:
+        self._classic.pop(request, None)
+        super().shutdown_request(request)
+
+    # -- closing ------------------------------------------------------------------------
+
+    def live_count(self) -> int:
+        return self._conns
+
+    def _connections(self) -> list[Any]:
+        return [key.data for key in self._selector.get_map().values()
+                if isinstance(key.data, Connection)]
+
+    def end_input(self) -> None:
+        self._closing_down = True
+        self._set_accepting(False)
+        for conn in self._connections():
+            if not conn.closing:
+                try:
+                    conn.sock.shutdown(socket.SHUT_RD)  # what is queued is read, then EOF
+                except OSError:
+                    conn.abort()
+        for sock in list(self._classic):
+            try:
+                sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+
+    def abort_all(self) -> None:
+        for conn in self._connections():
+            conn.abort()
+        for sock in list(self._classic):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def wait_idle(self, deadline: float) -> bool:
+        """Run the loop (in the calling thread) until every connection is gone."""
+        self.loop_thread = threading.get_ident()
+        while self._conns > 0:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self.run_once(remaining)
+        return True
+
+
+class SelectorTCPServer(SelectorEngine, socketserver.TCPServer):
+    """The ``select`` engine over TCP; constructor as ``socketserver.TCPServer``."""
+
+
+class LoopPeer(DatagramPeer):
+    """A UDP peer on the event loop: writes go straight to the non-blocking socket."""
+
+    closed = False
+
+    def __init__(self, server: Any, handler_class: type, peer: Any) -> None:
+        super().__init__(server, handler_class, peer)
+        self.last = server.now
+
+    def close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self.server.call_soon_threadsafe(self.server.end_peer, self)
+
+    abort = close
+
+
+class SelectorUDPServer(SelectorEngine, socketserver.UDPServer):
+    """The ``select`` engine over UDP: one handler per peer address, expired after
+    ``udp_idle`` seconds of silence. At ``max_connections`` peers, datagrams from new
+    peers are dropped (and counted)."""
+
+    allow_reuse_address = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._peers: dict[Any, LoopPeer] = {}
+        super().__init__(*args, **kwargs)
+
+    def _start_serving(self) -> None:
+        if self.config.udp_idle:
+            self._wheel = IdleWheel(self.timers, self.config.udp_idle, self.end_peer)
+        self._set_accepting(True)
+
+    def _update_accepting(self) -> None:
+        pass  # a UDP socket is always read: known peers keep talking at the limit
+
+    def forget(self, conn: Any) -> None:
+        self._conns -= 1
+        self.stats.closed()
+
+    def _accept(self) -> None:
+        sock = self.socket
+        peers = self._peers
+        handler_class = self.handler_class
+        now = self.now
+        for _ in range(DATAGRAM_BATCH):
+            try:
+                data, addr = sock.recvfrom(self.max_packet_size)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue  # an ICMP error queued by an earlier send
+            if handler_class is None:
+                self._handle_classic((data, sock), addr)
+                continue
+            peer = peers.get(addr)
+            if peer is None:
+                if self._conns >= self.config.max_connections:
+                    self.stats.drop()
+                    continue
+                peer = self._new_peer(addr)
+                if peer is None:
+                    continue
+            peer.last = now
+            peer.received(data)
+
+    def _new_peer(self, addr: Any) -> LoopPeer | None:
+        peer = LoopPeer(self, self.handler_class, addr)
+        self._peers[addr] = peer
+        self._conns += 1
+        self.stats.opened()
+        if self._wheel is not None:
+            self._wheel.add(peer)
+        if not peer.dispatch("connection_made"):
+            return None
+        return peer
+
+    def _handle_classic(self, request: Any, addr: Any) -> None:
+        try:
+            self.finish_request(request, addr)
+        except Exception:
+            self.handle_error(request, addr)
+
+    def end_peer(self, peer: LoopPeer) -> None:
+        """Forget a peer (expired or closed) and tell its handler."""
+        if peer.closed:
+            return
+        peer.closed = True
+        peer.closing = True
+        if self._peers.get(peer.peer) is peer:
+            del self._peers[peer.peer]
+        self.forget(peer)
+        peer.finished(None)
+
+    def end_input(self) -> None:
+        self._set_accepting(False)
+        for peer in list(self._peers.values()):
+            self.end_peer(peer)
+
+    abort_all = end_input
