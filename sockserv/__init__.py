@@ -19,6 +19,7 @@ from .engines import (
 )
 from .framing import LineFramer
 from .handlers import EchoHandler, Handler, LineHandler
+from .push import Hub, PushHandler
 
 __all__ = [
     "Config",
@@ -27,8 +28,10 @@ __all__ = [
     "ForkingTCPServer",
     "ForkingUDPServer",
     "Handler",
+    "Hub",
     "LineFramer",
     "LineHandler",
+    "PushHandler",
     "SelectorTCPServer",
     "SelectorUDPServer",
     "TCPServer",

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import grp
 import os
+import pwd
 import resource
 import tomllib
 from collections.abc import Callable, Mapping
@@ -106,6 +108,25 @@ def _boolean(value: Any) -> bool:
     raise ValueError(f"{value!r} is not a boolean (true or false)")
 
 
+def _account(kind: str) -> Callable[[Any], str]:
+    """A user (or group) that exists: a name, or a number (uid/gid) given as text."""
+
+    def parse(value: Any) -> str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        value = _text(value).strip()
+        try:
+            if value.isdigit():
+                (pwd.getpwuid if kind == "user" else grp.getgrgid)(int(value))
+            else:
+                (pwd.getpwnam if kind == "user" else grp.getgrnam)(value)
+        except (KeyError, OverflowError):
+            raise ValueError(f"no such {kind} {value!r}") from None
+        return value
+
+    return parse
+
+
 def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """None (or an empty string from env/CLI) means: derive the value from other settings."""
 
@@ -137,6 +158,11 @@ class Config:
     port: int = setting(None, _optional(_integer(0, 65535)),
                         "port to bind, 0 for any (default 7007 for echo, 7070 for push)")
     backlog: int = setting(1024, _integer(1, 1 << 20), "TCP listen backlog")
+    workers: int = setting(1, _integer(1, 64),
+                           "pre-forked worker processes under one supervisor (select, thread)",
+                           live=True)
+    reuse_port: bool = setting(False, _boolean,
+                               "with workers: each binds its own SO_REUSEPORT socket")
     max_connections: int = setting(
         None, _optional(_integer(1, 1 << 24)),
         "most connections (TCP) or peers (UDP) served at once "
@@ -149,12 +175,26 @@ class Config:
                             live=True)
     max_buffer: int = setting(262144, _integer(1024, 1 << 31),
                               "most unsent output per connection before reading pauses", live=True)
+    slow_consumer: str = setting("disconnect", _choice("disconnect", "drop"),
+                                 "push: a subscriber whose unsent output would exceed max_buffer "
+                                 "is closed (disconnect) or misses the message (drop)", live=True)
+    tick: float = setting(0.0, _seconds, "push: publish 'MSG time <ISO-8601 UTC>' to channel "
+                          "time every this many seconds, 0 = never")
     shutdown_timeout: float = setting(10.0, _seconds,
                                       "how long a stop or close waits for output to drain",
                                       live=True)
     log_level: str = setting("info", _choice("debug", "info", "warning", "error"),
                              "logging threshold", live=True)
     access_log: bool = setting(False, _boolean, "log one line per connection", live=True)
+    user: str = setting(None, _optional(_named(_account("user"), "USER")),
+                        "after binding, run as this user (name or uid; needs root)")
+    group: str = setting(None, _optional(_named(_account("group"), "GROUP")),
+                         "after binding, run as this group (default: the user's own)")
+    pidfile: str = setting(None, _optional(_named(_text, "FILE")),
+                           "write the server's pid to this file; removed on exit")
+    allow_root: bool = setting(None, _optional(_boolean),
+                               "run handlers as root when user is unset: true allows, false "
+                               "refuses to start (default: allowed, with a warning)")
     config: str = setting(None, _optional(_named(_text, "FILE")),
                           "TOML file to read settings from")
 
@@ -173,6 +213,9 @@ class Config:
         if self.max_connections is None:
             limit = DEFAULT_MAX_CONNECTIONS[self.engine] or descriptor_limit()
             object.__setattr__(self, "max_connections", limit)
+        if self.engine == "fork" and self.workers > 1:
+            raise ConfigError(f"workers: {self.workers} workers do not go with engine fork, "
+                              f"which forks per connection{_origin(self.sources, 'workers')}")
 
     def replace(self, **changes: Any) -> Config:
         """A copy with some settings changed (and validated)."""

@@ -71,10 +71,15 @@ class Connection:
             getattr(self.handler, callback)(*args)
             return True
         except Exception:
-            log.exception("handler %s.%s failed for %s; closing it",
-                          type(self.handler).__name__, callback, format_address(self.peer))
-            self.abort()
+            self.dispatch_failed(callback)
             return False
+
+    def dispatch_failed(self, callback: str) -> None:
+        """The handler's ``callback`` raised (call it from the ``except`` block): log the
+        traceback once and abort the connection."""
+        log.exception("handler %s.%s failed for %s; closing it",
+                      type(self.handler).__name__, callback, format_address(self.peer))
+        self.abort()
 
     def finished(self, exc: BaseException | None = None) -> None:
         """Tell the handler the connection is gone, count it, write the access log line."""

@@ -1,13 +1,44 @@
-"""Logging setup: one stderr handler on the ``sockserv`` logger."""
+"""Logging setup: one stderr handler on the ``sockserv`` logger.
+
+Under journald (``JOURNAL_STREAM`` names the device and inode of our stderr, as
+systemd sets it for ``StandardError=journal``), each line starts with a
+``<N>`` syslog priority (sd-daemon(3)) and carries no timestamp or pid: the
+journal records both. Elsewhere the lines are plain and timestamped.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from typing import TextIO
 
-__all__ = ["setup_logging"]
+__all__ = ["JournalFormatter", "journal_stream", "setup_logging"]
 
 FORMAT = "%(asctime)s sockserv[%(process)d] %(levelname)s %(message)s"
+PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+              logging.CRITICAL: 2}  # syslog levels: debug, info, warning, err, crit
+
+
+def journal_stream(stream: TextIO | None = None) -> bool:
+    """True when ``JOURNAL_STREAM`` (``device:inode``) is ``stream`` (default stderr)."""
+    dev, _, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    if not (dev.isdigit() and ino.isdigit()):
+        return False
+    try:
+        st = os.fstat((stream or sys.stderr).fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
+class JournalFormatter(logging.Formatter):
+    """``<N>message``: every line (a traceback's too) gets the record's priority."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = max((lvl for lvl in PRIORITIES if lvl <= record.levelno), default=logging.DEBUG)
+        prefix = f"<{PRIORITIES[level]}>"
+        return "\n".join(prefix + line for line in super().format(record).split("\n"))
 
 
 def setup_logging(level: str = "info") -> logging.Logger:
@@ -18,7 +49,8 @@ def setup_logging(level: str = "info") -> logging.Logger:
             logger.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     handler.sockserv = True  # type: ignore[attr-defined]
-    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setFormatter(JournalFormatter("%(message)s") if journal_stream()
+                         else logging.Formatter(FORMAT))
     logger.addHandler(handler)
     logger.setLevel(level.upper())
     logger.propagate = False

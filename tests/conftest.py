@@ -49,16 +49,17 @@ def serve():
 
 
 class CLIServer:
-    """A `python -m sockserv` subprocess; its stderr lines arrive in a queue."""
+    """A `python -m sockserv` subprocess; its stderr lines arrive in a queue. ``prefix``
+    is a command that runs it (e.g. systemd-socket-activate and its options)."""
 
-    def __init__(self, args, env=None, cwd=None):
+    def __init__(self, args, env=None, cwd=None, prefix=(), stdin=subprocess.DEVNULL):
         self.args = args
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("SOCKSERV_")}
         full_env.update(env or {})
         full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), cwd or "",
                                                                 full_env.get("PYTHONPATH")]))
-        self.proc = subprocess.Popen([sys.executable, "-m", "sockserv", *args],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "sockserv", *args],
+                                     stdin=stdin, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, env=full_env, cwd=cwd)
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.seen: list[str] = []
@@ -114,11 +115,12 @@ class CLIServer:
 
 @pytest.fixture
 def cli():
-    """``cli(*args, env=None, cwd=None)``: a `python -m sockserv` subprocess, stopped at the end."""
+    """``cli(*args, env=None, cwd=None, prefix=(), stdin=DEVNULL)``: a `python -m sockserv`
+    subprocess (run by ``prefix``, if given), stopped at the end."""
     started = []
 
-    def start(*args, env=None, cwd=None):
-        server = CLIServer(list(args), env=env, cwd=cwd)
+    def start(*args, env=None, cwd=None, prefix=(), stdin=subprocess.DEVNULL):
+        server = CLIServer(list(args), env=env, cwd=cwd, prefix=prefix, stdin=stdin)
         started.append(server)
         return server
 

@@ -226,7 +226,7 @@ def test_serve_runs_a_users_handler_from_the_current_directory(cli, tmp_path):
     ("nosuchmodule_xyz:Thing", "cannot import 'nosuchmodule_xyz'"),
     ("json:NoSuchClass", "module 'json' has no 'NoSuchClass'"),
     ("json:dumps", "json:dumps is not a sockserv.Handler (or socketserver"),
-    ("justaname", "is neither echo nor MODULE:CLASS"),
+    ("justaname", "is neither a built-in service (echo, push) nor MODULE:CLASS"),
     ("broken_mod:X", "importing 'broken_mod' failed: ZeroDivisionError"),
 ])
 def test_bad_handler_spec_exits_2(tmp_path, spec, fragment):

@@ -27,8 +27,10 @@ from .conftest import (
     wait_for,
 )
 
-TCP_CLASSES = [sockserv.TCPServer, sockserv.ThreadingTCPServer, sockserv.ForkingTCPServer]
-UDP_CLASSES = [sockserv.UDPServer, sockserv.ThreadingUDPServer, sockserv.ForkingUDPServer]
+TCP_CLASSES = [sockserv.TCPServer, sockserv.ThreadingTCPServer, sockserv.ForkingTCPServer,
+               sockserv.SelectorTCPServer]
+UDP_CLASSES = [sockserv.UDPServer, sockserv.ThreadingUDPServer, sockserv.ForkingUDPServer,
+               sockserv.SelectorUDPServer]
 
 
 def has_ipv6_loopback():
@@ -243,7 +245,10 @@ def test_sockserv_handler_keeps_one_instance_per_udp_peer(serve, cls):
         assert b.recv(10) == b"1"
 
 
-@pytest.mark.parametrize("cls", UDP_CLASSES[:2], ids=lambda c: c.__name__)
+IN_PROCESS_UDP_PEERS = [c for c in UDP_CLASSES if c is not sockserv.ForkingUDPServer]
+
+
+@pytest.mark.parametrize("cls", IN_PROCESS_UDP_PEERS, ids=lambda c: c.__name__)
 def test_udp_peer_expires_after_udp_idle(serve, cls):
     Counter.lost.clear()
     server = serve(cls, Counter, proto="udp", udp_idle=0.2)

@@ -15,12 +15,15 @@ import socket
 import socketserver
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from ..config import Config
 from ..connection import format_address
 from ..handlers import Handler
+from ..push import Hub, Ticker
+from ..timers import Timers
 from .blocking import serve_stream
 
 __all__ = ["ServerMixin", "Stats"]
@@ -38,6 +41,9 @@ class Stats:
         self.bytes_in = 0
         self.bytes_out = 0
         self.dropped = 0  # datagrams dropped: new peers over the limit, full send buffers
+        self.delivered = 0  # push messages handed to subscribers
+        self.slow_dropped = 0  # push messages dropped for slow subscribers (slow_consumer=drop)
+        self.slow_disconnected = 0  # slow subscribers closed (slow_consumer=disconnect)
 
     def opened(self) -> None:
         with self._lock:
@@ -56,6 +62,13 @@ class Stats:
         with self._lock:
             self.bytes_in += bytes_in
             self.bytes_out += bytes_out
+
+    def pushed(self, delivered: int, dropped: int, disconnected: int) -> None:
+        """Count one fan-out of the push hub."""
+        with self._lock:
+            self.delivered += delivered
+            self.slow_dropped += dropped
+            self.slow_disconnected += disconnected
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
@@ -78,9 +91,18 @@ class ServerMixin:
     ``RequestHandlerClass`` may be a classic ``socketserver.BaseRequestHandler``
     subclass (run exactly as the stdlib runs it) or a sockserv ``Handler``.
 
+    :meth:`from_socket` builds a server around a socket bound elsewhere (systemd
+    socket activation, a supervisor's listener) instead of binding.
+    ``timers.call_at(when, fn)`` (``time.monotonic()`` clock) and
+    ``call_soon_threadsafe(fn, *args)`` run callbacks in the serve loop; the
+    systemd integration (``sockserv.systemd``) uses them for READY, STATUS and
+    the watchdog, so that a hung loop stops the watchdog pings.
+
     An engine subclass provides: ``has_capacity()``, ``live_count()``,
     ``end_input()`` (tell every connection its input is over),
-    ``abort_all()`` and ``wait_idle(deadline)``.
+    ``abort_all()`` and ``wait_idle(deadline)``. An engine with a loop of its own
+    bounds each wait by ``timers.next_deadline()`` (0 while calls are queued) and
+    calls :meth:`run_scheduled` each turn.
     """
 
     allow_reuse_address = True
@@ -90,6 +112,7 @@ class ServerMixin:
                  bind_and_activate: bool = True, *, config: Config | None = None) -> None:
         self.config = config if config is not None else Config()
         self.stats = Stats()
+        self.hub = Hub(self)
         sockserv_handler = is_sockserv_handler(RequestHandlerClass)
         self.handler_class = RequestHandlerClass if sockserv_handler else None
         if isinstance(server_address, tuple) and ":" in str(server_address[0]):
@@ -105,11 +128,62 @@ class ServerMixin:
         self._stopped = threading.Event()
         self._stopped.set()
         self._closed = False
+        # Run by the serve loop (every engine's): timers.call_at(when, fn) on the
+        # time.monotonic() clock, and call_soon_threadsafe(fn, *args) from anywhere.
+        self.timers = Timers()
+        self._calls: deque[tuple[Callable[..., Any], tuple]] = deque()
+        if self.config.tick:
+            Ticker(self, self.config.tick).start()  # publishes from the serve loop
         try:
             super().__init__(server_address, RequestHandlerClass, bind_and_activate)
         except BaseException:
             self._close_wakeup()
             raise
+
+    @classmethod
+    def from_socket(cls, sock: socket.socket, RequestHandlerClass: type, *,
+                    config: Config | None = None) -> Any:
+        """A server around ``sock``, a socket bound elsewhere (passed by systemd,
+        inherited from a supervisor, or made by the caller), instead of binding one.
+
+        ``sock`` must be of the class's type (``SOCK_STREAM`` for the TCP servers,
+        ``SOCK_DGRAM`` for the UDP ones), of any family (IPv4, IPv6, Unix). A stream
+        socket already listening (``SO_ACCEPTCONN``) is used as it is, keeping its
+        backlog; one that is not gets ``listen(backlog)``. The server owns this
+        process's copy of the descriptor: ``server_close()`` closes it, and never
+        shuts the socket down or unlinks its path, so a copy held by systemd (or a
+        parent) keeps working.
+        """
+        if sock.type != cls.socket_type:
+            kind = "stream" if cls.socket_type == socket.SOCK_STREAM else "datagram"
+            raise ValueError(f"{cls.__name__} needs a {kind} socket, got {sock.type!r}")
+        address = sock.getsockname()
+        server = cls(address, RequestHandlerClass, False, config=config)
+        server.socket.close()  # the unbound one the constructor made
+        server.socket = sock
+        server.address_family = sock.family
+        server.server_address = address
+        if sock.type == socket.SOCK_STREAM and \
+                not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            server.server_activate()
+        return server
+
+    def serve_connection(self, request: socket.socket, client_address: Any = None) -> None:
+        """Serve one stream connection accepted elsewhere (inetd style: systemd
+        ``Accept=yes``) in the calling thread, until it ends; then shut it down."""
+        if client_address is None:
+            try:
+                client_address = request.getpeername()
+            except OSError:
+                client_address = ""
+        self.stats.opened()
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.stats.closed()
+            self.shutdown_request(request)
 
     # -- the serve loop -------------------------------------------------------------
 
@@ -127,7 +201,7 @@ class ServerMixin:
                         self._selector.register(self.socket, selectors.EVENT_READ)
                     else:
                         self._selector.unregister(self.socket)
-                for key, _ in self._selector.select(self.next_timeout()):
+                for key, _ in self._selector.select(self._loop_timeout()):
                     if key.data is not None:
                         key.data()
                     elif key.fileobj is self._wake_r:
@@ -135,6 +209,7 @@ class ServerMixin:
                     elif not self._stop_requested:
                         self._handle_request_noblock()
                 self.service_actions()
+                self.run_scheduled()
         finally:
             if accepting:
                 self._selector.unregister(self.socket)
@@ -142,12 +217,41 @@ class ServerMixin:
             self._serving.clear()
             self._stopped.set()
 
+    def _loop_timeout(self) -> float | None:
+        if self._calls:
+            return 0.0
+        timeout = self.next_timeout()
+        deadline = self.timers.next_deadline()
+        if deadline is not None:
+            wait = max(0.0, deadline - time.monotonic())
+            timeout = wait if timeout is None else min(timeout, wait)
+        return timeout
+
+    def run_scheduled(self) -> None:
+        """Run the timers that are due and the calls queued by :meth:`call_soon_threadsafe`
+        (the serve loop does, each turn)."""
+        self.timers.run_due(time.monotonic())
+        while self._calls:
+            fn, args = self._calls.popleft()
+            fn(*args)
+
+    def call_soon_threadsafe(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` in the serve loop, soon. Safe from any thread and from a
+        signal handler (a deque append and a write to the wakeup pipe)."""
+        self._calls.append((fn, args))
+        self.wakeup()
+
     def watch(self, fd: int, callback: Callable[[], None]) -> None:
         """Call ``callback`` from the serve loop when ``fd`` is readable (e.g. a pidfd)."""
         self._selector.register(fd, selectors.EVENT_READ, callback)
 
     def unwatch(self, fd: int) -> None:
         self._selector.unregister(fd)
+
+    def publish(self, channel: str | bytes, payload: str | bytes) -> int:
+        """Publish ``MSG <channel> <payload>`` to every subscriber of the server (every
+        process of it); safe from any thread. See :meth:`sockserv.Hub.publish`."""
+        return self.hub.publish(channel, payload)
 
     def wakeup(self) -> None:
         """Make the serve loop run one more turn (e.g. a slot freed). Safe from any thread."""
@@ -235,6 +339,12 @@ class ServerMixin:
     def has_capacity(self) -> bool:
         return True
 
+    def healthy(self) -> bool:
+        """The liveness check before each systemd watchdog ping. The ping is sent by
+        the serve loop itself, so a running loop is the check; a supervisor (or an
+        engine with helpers that can get stuck) overrides this to check them too."""
+        return True
+
     def live_count(self) -> int:
         return 0
 
@@ -254,4 +364,6 @@ class ServerMixin:
     def describe(self) -> str:
         """``proto address`` for log lines, e.g. ``tcp 127.0.0.1:7007``."""
         proto = "udp" if self.socket_type == socket.SOCK_DGRAM else "tcp"
+        if self.address_family == socket.AF_UNIX:
+            proto = "unix" if proto == "tcp" else "unixgram"
         return f"{proto} {format_address(self.server_address)}"

@@ -254,8 +254,9 @@ def serve_stream(server: Any, sock: socket.socket, peer: Any, handler_class: typ
 def _read_loop(conn: StreamConnection, sock: socket.socket, config: Any) -> BaseException | None:
     high, low = config.max_buffer, config.max_buffer // 2
     stall = config.idle_timeout or None
+    data_received = conn.handler.data_received
     while not conn.closing:
-        if conn.buffered > high and not conn.wait_output_below(low, stall):
+        if conn._pending > high and not conn.wait_output_below(low, stall):
             log.info("closing %s: it has not read its output for %ss", format_address(conn.peer),
                      stall)
             conn.abort()
@@ -276,5 +277,8 @@ def _read_loop(conn: StreamConnection, sock: socket.socket, config: Any) -> Base
                 conn.wait_closing()
             return None
         conn.bytes_in += len(data)
-        conn.dispatch("data_received", data)
+        try:
+            data_received(data)
+        except Exception:
+            conn.dispatch_failed("data_received")
     return None

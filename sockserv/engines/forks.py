@@ -17,6 +17,7 @@ import socketserver
 import time
 from typing import Any
 
+from ..relay import Relay
 from .base import ServerMixin
 from .peers import DatagramPeer
 
@@ -30,7 +31,10 @@ class ForkEngine(ServerMixin):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._children: dict[int, int] = {}  # pid -> pidfd
+        self.relay: Relay | None = None
         super().__init__(*args, **kwargs)
+        if getattr(self.handler_class, "uses_hub", False):
+            self.relay = Relay(self.hub, self)  # push messages between the children
 
     def has_capacity(self) -> bool:
         return len(self._children) < self.config.max_connections
@@ -65,6 +69,8 @@ class ForkEngine(ServerMixin):
             try:
                 if inbox is None:
                     self.shutdown_request(request)
+                if self.relay is not None:
+                    self.relay.child_exit()
             finally:
                 os._exit(status)
 
@@ -73,6 +79,8 @@ class ForkEngine(ServerMixin):
         self._children[pid] = fd
         self.stats.opened()
         self.watch(fd, lambda: self._reap(pid))
+        if self.relay is not None:
+            self.relay.adopt(pid)
 
     def _reap(self, pid: int) -> None:
         fd = self._children.pop(pid)
@@ -84,6 +92,8 @@ class ForkEngine(ServerMixin):
             status = 0
         if os.WIFSIGNALED(status) and os.WTERMSIG(status) != signal.SIGKILL:
             log.warning("child %d died of signal %d", pid, os.WTERMSIG(status))
+        if self.relay is not None:
+            self.relay.detach(pid)
         self.stats.closed()
         self.child_exited(pid)
 
@@ -96,6 +106,8 @@ class ForkEngine(ServerMixin):
         for fd in (self._wake_r, self._wake_w, *self._children.values()):
             os.close(fd)
         self._children = {}
+        if self.relay is not None:
+            self.relay.become_child()
         if self.socket_type == socket.SOCK_STREAM:
             self.socket.close()
 
@@ -109,6 +121,11 @@ class ForkEngine(ServerMixin):
         signal.signal(signal.SIGTERM, end_input)
         signal.signal(signal.SIGINT, end_input)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    def server_close(self) -> None:
+        super().server_close()
+        if self.relay is not None:
+            self.relay.close()
 
     def end_input(self) -> None:
         self._signal_children(signal.SIGTERM)

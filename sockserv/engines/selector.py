@@ -32,9 +32,10 @@ from collections.abc import Callable
 from typing import Any
 
 from ..connection import Connection, format_address
-from ..timers import IdleWheel, Timers
+from ..timers import IdleWheel
 from .base import ServerMixin
 from .peers import DatagramPeer
+from .poller import Poller
 
 __all__ = ["SelectorTCPServer", "SelectorUDPServer"]
 
@@ -53,6 +54,7 @@ class _Callback:
     """Adapts a plain callback (``watch(fd, fn)``, the wakeup pipe) to the loop's protocol."""
 
     __slots__ = ("on_readable",)
+    closed = False
 
     def __init__(self, callback: Callable[[], Any]) -> None:
         self.on_readable = callback
@@ -62,7 +64,8 @@ class SelectorConnection(Connection):
     """A TCP connection on the event loop (see the module doc)."""
 
     __slots__ = ("sock", "fd", "loop", "handler", "closing", "closed", "bytes_in", "bytes_out",
-                 "started", "last", "_peer", "_out", "_pending", "_events", "_eof", "_close_timer")
+                 "started", "last", "_peer", "_out", "_pending", "_events", "_eof", "_close_timer",
+                 "_turn")
 
     def __init__(self, loop: SelectorEngine, sock: socket.socket, handler_class: type) -> None:
         self.sock = sock
@@ -79,6 +82,7 @@ class SelectorConnection(Connection):
         self._eof = False
         self._close_timer: Any = None
         self._peer = None  # asked of the kernel when needed: idle connections stay small
+        self._turn = -1  # the loop turn of the last direct send
         self.handler = handler_class(self)
 
     # -- what the handler uses ----------------------------------------------------------
@@ -119,6 +123,14 @@ class SelectorConnection(Connection):
             return
         if not data:
             return
+        if self._turn == loop.turn:
+            # A second write in one turn of the loop (fan-out, many lines at once):
+            # gather it, and send everything in one call when the turn ends.
+            self._out = deque((data,))
+            self._pending = len(data)
+            loop.deferred.append(self)
+            return
+        self._turn = loop.turn
         try:
             sent = self.sock.send(data)
         except BlockingIOError:
@@ -178,14 +190,14 @@ class SelectorConnection(Connection):
             try:
                 self.handler.data_received(data)
             except Exception:
-                self._handler_failed("data_received")
+                self.dispatch_failed("data_received")
             return
         self._eof = True
         self._set_events(self._events & ~READ)
         try:
             self.handler.eof_received()
         except Exception:
-            self._handler_failed("eof_received")
+            self.dispatch_failed("eof_received")
 
     def on_writable(self) -> None:
         out = self._out
@@ -247,12 +259,6 @@ class SelectorConnection(Connection):
         self.closing = True
         self._finish(exc)
 
-    def _handler_failed(self, callback: str) -> None:
-        log.exception("handler %s.%s failed for %s; closing it", type(self.handler).__name__,
-                      callback, format_address(self.peer))
-        self.closing = True
-        self._finish(None)
-
     def _finish(self, exc: BaseException | None) -> None:
         if self.closed:
             return
@@ -271,22 +277,29 @@ class SelectorConnection(Connection):
 class SelectorEngine(ServerMixin):
     """The event loop shared by the selector servers.
 
-    Besides the ServerMixin API, code on the loop's thread may use ``now`` (the
-    loop's clock), ``timers.call_at(when, fn)``, and from any thread
-    ``call_soon_threadsafe(fn, *args)``.
+    Besides the ServerMixin API (``timers``, ``call_soon_threadsafe``), code on the
+    loop's thread may read ``now``, the loop's clock at the start of this turn.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.timers = Timers()
         self.now = time.monotonic()
+        self.turn = 0  #: counts the loop's turns; a connection writes directly once per turn
+        self.deferred: list[SelectorConnection] = []  # connections with output gathered
         self.loop_thread: int | None = None
-        self._calls: deque[tuple[Callable[..., Any], tuple]] = deque()
         self._conns = 0
         self._accepting = False
         self._accept_pause = 0.0
         self._wheel: IdleWheel | None = None
-        super().__init__(*args, **kwargs)
-        self._selector.modify(self._wake_r, READ, _Callback(self._on_wakeup))
+        self._classic: dict[socket.socket, None] = {}  # sockets of classic handlers' threads
+        self._poller = Poller()
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            self._poller.close()
+            raise
+        self._selector.close()  # the base's selector: this engine polls through the Poller
+        self._selector = self._poller
+        self._poller.register(self._wake_r, READ, _Callback(self._on_wakeup))
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -308,50 +321,58 @@ class SelectorEngine(ServerMixin):
 
     def run_once(self, timeout: float | None = None) -> None:
         """One turn of the loop: wait for events or the next timer, then handle them."""
-        deadline = self.timers.next_deadline()
-        if self._calls:
-            timeout = 0.0
-        elif deadline is not None:
-            wait = max(0.0, deadline - time.monotonic())
+        wait = self._loop_timeout()
+        if wait is not None:
             timeout = wait if timeout is None else min(timeout, wait)
-        events = self._selector.select(timeout)
+        poller = self._poller
+        events = poller.poll(-1 if timeout is None else timeout)
         self.now = time.monotonic()
-        for key, mask in events:
-            obj = key.data
-            if mask & READ:
+        self.turn += 1
+        objects, readable, writable = poller.objects, poller.readable, poller.writable
+        for fd, mask in events:
+            obj = objects.get(fd)
+            if obj is None:  # closed by an earlier event of this batch
+                continue
+            if mask & readable:
                 obj.on_readable()
-            if mask & WRITE and not getattr(obj, "closed", False):
+            if mask & writable and not obj.closed:
                 obj.on_writable()
-        if deadline is not None:
-            self.timers.run_due(self.now)
-        while self._calls:
-            fn, args = self._calls.popleft()
-            fn(*args)
+        self.run_scheduled()
+        if self.deferred:
+            self._send_deferred()
 
-    def call_soon_threadsafe(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run ``fn(*args)`` on the loop's thread, soon. Safe from any thread."""
-        self._calls.append((fn, args))
-        self.wakeup()
+    def _send_deferred(self) -> None:
+        """Send what connections gathered this turn, one call per connection."""
+        deferred, self.deferred = self.deferred, []
+        for conn in deferred:
+            if not conn.closed and conn._out and not conn._events & WRITE:
+                conn.on_writable()
+                if conn._out and not conn.closed:
+                    conn._set_events(conn._events | WRITE)
 
     def _on_wakeup(self) -> None:
         self._drain_wakeup()
 
     def watch(self, fd: int, callback: Callable[[], None]) -> None:
-        self._selector.register(fd, READ, _Callback(callback))
+        self._poller.register(fd, READ, _Callback(callback))
+
+    def unwatch(self, fd: int) -> None:
+        self._poller.unregister(fd)
 
     def set_events(self, conn: SelectorConnection, events: int) -> None:
+        poller = self._poller
         if events:
-            if conn.fd in self._selector.get_map():
-                self._selector.modify(conn.fd, events, conn)
+            if conn.fd in poller:
+                poller.modify(conn.fd, events, conn)
             else:
-                self._selector.register(conn.fd, events, conn)
-        elif conn.fd in self._selector.get_map():
-            self._selector.unregister(conn.fd)
+                poller.register(conn.fd, events, conn)
+        elif conn.fd in poller:
+            poller.unregister(conn.fd)
 
     def forget(self, conn: Any) -> None:
         """A connection is closed: take it out of the loop and free its slot."""
-        if getattr(conn, "fd", None) is not None and conn.fd in self._selector.get_map():
-            self._selector.unregister(conn.fd)
+        if getattr(conn, "fd", None) is not None and conn.fd in self._poller:
+            self._poller.unregister(conn.fd)
         self._conns -= 1
         self.stats.closed()
         if not self._accepting and not self._stop_requested and not self._closing_down:
@@ -376,22 +397,51 @@ class SelectorEngine(ServerMixin):
         self._set_accepting(self.has_capacity() and self.now >= self._accept_pause
                             and not self._stop_requested)
 
+    #: set by a supervisor: the listener is shared with other worker processes
+    shared_listener = False
+    #: set by a supervisor: the listener is this worker's own SO_REUSEPORT socket
+    own_listener = False
+
     def _set_accepting(self, on: bool) -> None:
         if on != self._accepting:
             self._accepting = on
             if on:
-                self._selector.register(self.socket, READ, _Callback(self._accept))
+                if self.socket.fileno() == -1:  # closed at the limit: join the group again
+                    self._reopen_listener()
+                self._poller.register(self.socket.fileno(), READ, _Callback(self._accept),
+                                      exclusive=self.shared_listener)
             else:
-                self._selector.unregister(self.socket)
+                self._poller.unregister(self.socket.fileno())
+                if self.own_listener and not self._stop_requested and \
+                        self._conns >= self.config.max_connections:
+                    # The kernel hashes new connections to every SO_REUSEPORT socket of
+                    # the port, full or not: leave the group until a slot frees, so none
+                    # waits here while other workers have room. (_accept has emptied its
+                    # queue; with net.ipv4.tcp_migrate_req=1 the kernel would move any
+                    # connection that arrives in between to another worker.)
+                    self.socket.close()
+
+    def _reopen_listener(self) -> None:
+        from .listeners import bind_listener
+
+        self.socket = bind_listener(self.config.replace(port=self.server_address[1]),
+                                    reuse_port=True)
+        self.socket.setblocking(False)
 
     def _accept(self) -> None:
         listener = self.socket
         handler_class = self.handler_class
         max_conns = self.config.max_connections
         nodelay = self.address_family in (socket.AF_INET, socket.AF_INET6)
-        for _ in range(ACCEPT_BATCH):
-            if self._conns >= max_conns:
+        # An own SO_REUSEPORT listener is closed at the limit: first take what the
+        # kernel already queued on it (a few over the limit), or closing would reset them.
+        drain = self.own_listener
+        accepted = 0
+        while True:
+            full = self._conns >= max_conns
+            if (full and not drain) or (accepted >= ACCEPT_BATCH and not full):
                 break
+            accepted += 1
             try:
                 sock, addr = listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -432,13 +482,13 @@ class SelectorEngine(ServerMixin):
 
     def _start_connection(self, sock: socket.socket, handler_class: type) -> None:
         conn = SelectorConnection(self, sock, handler_class)
-        self._selector.register(conn.fd, READ, conn)
+        self._poller.register(conn.fd, READ, conn)
         if self._wheel is not None:
             self._wheel.add(conn)
         try:
             conn.handler.connection_made()
         except Exception:
-            conn._handler_failed("connection_made")
+            conn.dispatch_failed("connection_made")
 
     def _expire_idle(self, conn: SelectorConnection) -> None:
         log.debug("closing %s: idle for %ss", format_address(conn.peer), self.config.idle_timeout)
@@ -458,13 +508,6 @@ class SelectorEngine(ServerMixin):
         self._classic[sock] = None
         threading.Thread(target=run, daemon=True).start()
 
-    @property
-    def _classic(self) -> dict[socket.socket, None]:
-        classic = self.__dict__.get("_classic_socks")
-        if classic is None:
-            classic = self.__dict__["_classic_socks"] = {}
-        return classic
-
     def shutdown_request(self, request: Any) -> None:
         self._classic.pop(request, None)
         super().shutdown_request(request)
@@ -475,8 +518,7 @@ class SelectorEngine(ServerMixin):
         return self._conns
 
     def _connections(self) -> list[Any]:
-        return [key.data for key in self._selector.get_map().values()
-                if isinstance(key.data, Connection)]
+        return [obj for obj in self._poller.objects.values() if isinstance(obj, Connection)]
 
     def end_input(self) -> None:
         self._closing_down = True
