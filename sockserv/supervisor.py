@@ -35,6 +35,8 @@ from typing import Any
 from .config import Config
 from .engines import ENGINES
 from .engines.listeners import bind_listener
+from .push import Hub, Ticker
+from .relay import Relay
 from .timers import Timers
 
 __all__ = ["Supervisor"]
@@ -107,6 +109,12 @@ class Supervisor:
         self._next_spawn = 0.0
         self._stopping = False
         self._announced = False
+        # Push across workers: a PUB in one worker reaches the subscribers of every other
+        # one through the relay; the supervisor itself runs the tick, once for all.
+        self.hub = Hub()
+        self.relay = Relay(self.hub, self) if getattr(handler_class, "uses_hub", False) else None
+        if self.relay is not None and config.tick:
+            Ticker(self, config.tick).start()
 
     # -- what the systemd integration uses -------------------------------------------
 
@@ -125,6 +133,13 @@ class Supervisor:
 
     def live_count(self) -> int:
         return len(self.workers)
+
+    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` from the supervisor loop when ``fd`` is readable (the relay)."""
+        self._selector.register(fd, selectors.EVENT_READ, callback)
+
+    def unwatch(self, fd: int) -> None:
+        self._selector.unregister(fd)
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -220,6 +235,8 @@ class Supervisor:
         if pid == 0:
             self._worker_main(blocked)  # never returns
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        if self.relay is not None:
+            self.relay.adopt(pid)
         worker = Worker(pid, os.pidfd_open(pid), self.generation)
         self.workers[pid] = worker
         self._selector.register(worker.pidfd, selectors.EVENT_READ, lambda: self._reap(worker))
@@ -229,6 +246,8 @@ class Supervisor:
         self._selector.unregister(worker.pidfd)
         os.close(worker.pidfd)
         del self.workers[worker.pid]
+        if self.relay is not None:
+            self.relay.detach(worker.pid)
         try:
             _, status = os.waitpid(worker.pid, 0)
         except ChildProcessError:
@@ -299,6 +318,8 @@ class Supervisor:
             self._stop_worker(worker, signal.SIGKILL)
 
     def close(self) -> None:
+        if self.relay is not None:
+            self.relay.close()
         self._selector.close()
         for fd in (self._wake_r, self._wake_w, self._ready_r, self._ready_w):
             try:
@@ -333,9 +354,11 @@ class Supervisor:
                 sock = bind_listener(config.replace(port=self.address[1]), reuse_port=True)
             else:
                 sock = self.listener
-            server = cls.from_socket(sock, self.handler_class, config=config)
+            server = cls.from_socket(sock, self.handler_class, config=config.replace(tick=0.0))
             server.shared_listener = not config.reuse_port
             server.own_listener = config.reuse_port
+            if self.relay is not None:
+                self.relay.become_child(hub=server.hub, loop=server)
             stop = lambda signum, frame: server.request_shutdown()  # noqa: E731
             signal.signal(signal.SIGTERM, stop)
             signal.signal(signal.SIGINT, stop)
@@ -345,6 +368,8 @@ class Supervisor:
             os.close(ready_w)
             server.serve_forever()
             server.server_close()
+            if self.relay is not None:
+                self.relay.child_exit()
             status = 0
         except Exception:
             log.exception("worker %d failed", os.getpid())

@@ -567,3 +567,64 @@ def test_forked_children_keep_only_their_own_relay_socket(cli):
     finally:
         for client in clients:
             client.close()
+
+
+# -- across pre-forked workers -----------------------------------------------------------
+
+
+def worker_of_each_client(server_pid, clients):
+    """Which worker process holds the server side of each client (from ss -tnp)."""
+    import subprocess
+
+    ports = {c.sock.getsockname()[1]: c for c in clients}
+    out = subprocess.run(["ss", "-tnpH", "state", "established"], capture_output=True,
+                         text=True, timeout=10).stdout
+    owners = {}
+    for line in out.splitlines():
+        fields = line.split()
+        peer_port = int(fields[-2].rsplit(":", 1)[1]) if len(fields) >= 5 else None
+        if peer_port in ports and "pid=" in line:
+            owners[peer_port] = int(line.split("pid=")[1].split(",")[0])
+    return owners
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_a_pub_in_one_worker_reaches_subscribers_in_every_worker(cli, proto):
+    server = cli("push", "--port", "0", "--workers", "3", "--reuse-port", "--proto", proto)
+    line = server.wait_line(r"supervisor \d+: 3 \w+ worker\(s\) on ")
+    port = int(line.rsplit(":", 1)[1])
+    server.wait_line(r"worker\(s\) serving")
+    subscribers = []
+    for _ in range(12):
+        client = Client(port, proto)
+        assert client.command(b"SUB news") == b"+OK"
+        subscribers.append(client)
+    if proto == "tcp":  # the kernel spread them: the relay is what this test is about
+        assert len(set(worker_of_each_client(server.proc.pid, subscribers).values())) >= 2
+    publishers = [Client(port, proto) for _ in range(3)]
+    for i in range(20):
+        for n, publisher in enumerate(publishers):
+            assert publisher.command(b"PUB news %d:%d" % (n, i)) == b"+OK"
+    for client in subscribers:
+        got = [client.msg() for _ in range(60)]
+        for n in range(3):  # each publisher's messages arrive in its order, once
+            mine = [m for m in got if m.startswith(b"MSG news %d:" % n)]
+            assert mine == [b"MSG news %d:%d" % (n, i) for i in range(20)]
+    for client in subscribers + publishers:
+        client.close()
+
+
+def test_tick_with_workers_comes_once_per_period(cli):
+    server = cli("push", "--port", "0", "--workers", "2", "--tick", "0.2")
+    line = server.wait_line(r"supervisor \d+: 2 \w+ worker\(s\) on ")
+    port = int(line.rsplit(":", 1)[1])
+    server.wait_line(r"worker\(s\) serving")
+    client = Client(port)
+    assert client.command(b"SUB time") == b"+OK"
+    import datetime
+
+    stamps = [datetime.datetime.fromisoformat(client.msg().split()[2].decode().rstrip("Z"))
+              for _ in range(4)]
+    gaps = [(b - a).total_seconds() for a, b in zip(stamps, stamps[1:])]
+    assert min(gaps) > 0.05, gaps  # one process ticks, not one per worker
+    client.close()

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..connection import Connection, format_address
+from ..push import encode_message
 from ..timers import IdleWheel
 from .base import ServerMixin
 from .peers import DatagramPeer
@@ -349,6 +350,16 @@ class SelectorEngine(ServerMixin):
                 conn.on_writable()
                 if conn._out and not conn.closed:
                     conn._set_events(conn._events | WRITE)
+
+    def publish(self, channel: str | bytes, payload: str | bytes) -> int:
+        """As :meth:`ServerMixin.publish`; from another thread the whole fan-out is
+        handed to the loop at once (validated here, so errors still raise here), and
+        the count returned is of the subscribers at the time of the call."""
+        if self.loop_thread is None or threading.get_ident() == self.loop_thread:
+            return self.hub.publish(channel, payload)
+        channel_bytes, line = encode_message(channel, payload, self.hub.max_message)
+        self.call_soon_threadsafe(self.hub.publish_line, channel_bytes, line)
+        return self.hub.subscribers(channel_bytes)
 
     def _on_wakeup(self) -> None:
         self._drain_wakeup()
