@@ -215,14 +215,33 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def server_sample(pid: int) -> dict[str, Any] | None:
-    """CPU seconds (user+system, own and reaped children's) and RSS of a process tree.
+def _live_threads_cpu(pid: int) -> float:
+    """CPU seconds of a process's live threads from schedstat (nanoseconds). /proc/PID/stat
+    counts in clock ticks and lags behind for processes that run in short bursts (a forked
+    child per connection), so the larger of the two is used."""
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                    total += int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue
+    except OSError:
+        return 0.0
+    return total / 1e9
 
-    Returns ``{"cpu": s, "rss": bytes, "hwm": bytes, "processes": n}`` summed over
-    the tree, or None if ``pid`` is gone. Pages shared between processes count
-    once per process.
+
+def server_sample(pid: int) -> dict[str, Any] | None:
+    """CPU seconds (own and reaped children's) and RSS of a process tree.
+
+    A process's own CPU is the larger of utime+stime (/proc/PID/stat, which
+    includes ended threads) and its live threads' schedstat run time; reaped
+    children add cutime+cstime. Returns ``{"cpu": s, "rss": bytes, "hwm": bytes,
+    "processes": n, "t": ns}`` summed over the tree, or None if ``pid`` is gone.
+    Pages shared between processes count once per process.
     """
-    cpu = 0
+    cpu = 0.0
     rss = hwm = 0
     processes = 0
     for p in process_tree(pid):
@@ -234,14 +253,17 @@ def server_sample(pid: int) -> dict[str, Any] | None:
                 return None
             continue
         fields = stat[stat.rindex(")") + 2:].split()
-        cpu += sum(int(x) for x in fields[11:15])
+        ticks = int(fields[11]) + int(fields[12])  # utime + stime, ended threads included
+        cpu += max(ticks / CLK_TCK, _live_threads_cpu(p))
+        cpu += (int(fields[13]) + int(fields[14])) / CLK_TCK  # reaped children
         processes += 1
         for line in status.splitlines():
             if line.startswith("VmRSS:"):
                 rss += int(line.split()[1]) * 1024
             elif line.startswith("VmHWM:"):
                 hwm += int(line.split()[1]) * 1024
-    return {"cpu": cpu / CLK_TCK, "rss": rss, "hwm": hwm, "processes": processes}
+    return {"cpu": cpu, "rss": rss, "hwm": hwm, "processes": processes,
+            "t": now_ns()}
 
 
 # --------------------------------------------------------------------------- options
@@ -338,8 +360,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bind client sockets to 127.0.0.2 .. 127.0.0.(N+1) in turn "
                              "(more than ~28,000 connections to one port); default 0: no bind")
     parser.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
-                        help="a reply or connect slower than this is a timeout (default 10; "
-                             "udp: a datagram unanswered for 0.5 s is lost)")
+                        help="a reply (connrate: a whole cycle) slower than this is a timeout "
+                             "(default 10; udp: a datagram unanswered for 0.5 s is lost)")
     parser.add_argument("--grace", type=_seconds, default=None, metavar="SECONDS",
                         help="after the window, how long to wait for replies still due "
                              "(default 2; hold: 10)")
@@ -401,6 +423,8 @@ def resolve(args: argparse.Namespace) -> Options:
     if udp and not UDP_HEADER + 4 <= opts.size <= UDP_MAX_SIZE:
         raise UsageError(f"--size {opts.size}: UDP datagrams here are "
                          f"{UDP_HEADER + 4}-{UDP_MAX_SIZE} bytes")
+    if wl == "connrate" and opts.size > 65536:
+        raise UsageError(f"--size {opts.size}: connrate sends one message of at most 65536 bytes")
     if opts.size > MAX_SIZE:
         raise UsageError(f"--size {opts.size} is more than {MAX_SIZE}")
     if opts.procs > 256:
@@ -661,7 +685,7 @@ class EchoConn:
         off = (self.base + self.sent * size) % p.ring_len
         chunk = p.view[off:off + n * size]
         self.sent += n
-        w.c["sent"] += n
+        w.n_sent += n
         w.outstanding += n
         if n == 1:
             self.times.append(now)
@@ -705,8 +729,10 @@ class EchoConn:
                 return
         if not mask & READ:
             return
+        size = w.size
+        due = self.sent * size - self.rbytes  # asking for what is due keeps buffers small
         try:
-            data = self.sock.recv(65536)
+            data = self.sock.recv(65536 if due > 65536 else due or 1)
         except BlockingIOError:
             return
         except OSError as exc:
@@ -717,12 +743,13 @@ class EchoConn:
             w.fail(self, "resets", "connection closed by the server")
             return
         p = w.payloads
-        size = w.size
         rbytes = self.rbytes + len(data)
         if rbytes > self.sent * size or not p.ring2.startswith(
                 data, (self.base + self.rbytes) % p.ring_len):
-            w.c["received"] += rbytes // size - self.rdone
-            self.rdone = rbytes // size
+            bad = rbytes // size - self.rdone  # complete messages in a chunk that differs
+            w.n_received += bad
+            w.n_bad += bad
+            self.rdone += bad
             w.fail(self, "mismatches", "echoed bytes differ from the bytes sent")
             return
         self.rbytes = rbytes
@@ -731,17 +758,18 @@ class EchoConn:
             return
         self.rdone += n
         times = self.times
-        c = w.c
         if w.ws <= now < w.we:
-            record = w.hist.record
-            for _ in range(n):
-                record(now - times.popleft())
-            c["window"] += n
+            if n == 1:
+                w.hist.record(now - times.popleft())
+            else:
+                record = w.hist.record
+                for _ in range(n):
+                    record(now - times.popleft())
+            w.n_window += n
         else:
             for _ in range(n):
                 times.popleft()
-        c["received"] += n
-        c["verified"] += n
+        w.n_received += n
         w.outstanding -= n
         if w.sending:
             self.send(n, now)
@@ -757,6 +785,7 @@ class EchoWorker(Worker):
         self.payloads = Payloads(opts.size, opts.size * (self.k + 1))
         self.conns: dict[int, EchoConn] = {}
         self.outstanding = 0
+        self.n_sent = self.n_received = self.n_bad = self.n_window = 0  # cheaper than self.c
         self.hold = opts.workload == "hold"
 
     def setup(self, deadline: int) -> None:
@@ -812,7 +841,12 @@ class EchoWorker(Worker):
         conn.sock.close()
 
     def snapshot(self) -> dict[str, Any]:
-        self.c["open"] = len(self.conns)
+        c = self.c
+        c["open"] = len(self.conns)
+        c["sent"] = self.n_sent
+        c["received"] = self.n_received
+        c["verified"] = self.n_received - self.n_bad
+        c["window"] = self.n_window
         return super().snapshot()
 
 
@@ -1781,7 +1815,9 @@ def build_result(o: Options, counts: dict[str, int], hist: Histogram, window: fl
         server = {"pid": o.server_pid}
         if at_start and at_end:
             cpu = max(0.0, at_end["cpu"] - at_start["cpu"])
+            sampled = (at_end["t"] - at_start["t"]) / 1e9  # the window as sampled
             server.update(cpu_s=round(cpu, 3), cpu_share=round(cpu / window, 3),
+                          sampled_s=round(sampled, 3),
                           cpu_per_message_us=(round(cpu / messages * 1e6, 3)
                                               if messages and wl != "hold" else None),
                           rss_bytes=at_end["rss"], peak_rss_bytes=at_end["hwm"],

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__, privileges, systemd
+from . import __version__, privileges, systemd, tls
 from .config import SETTINGS, Config, ConfigError, load_config, to_toml
 from .engines import make_server
 from .handlers import EchoHandler, Handler
@@ -47,7 +47,7 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         parse = field.metadata["parse"]
         help_text = field.metadata["help"]
-        if field.default is not None:
+        if field.default not in (None, ()):
             help_text += f" (default: {field.default})"
         if field.type in ("bool", bool):
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
@@ -146,6 +146,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(config, handler_class)
 
 
+def _where(config: Config) -> str:
+    """What the server binds, for messages: ``tcp 127.0.0.1:7007``, ``unix /run/echo.sock``."""
+    if config.unix:
+        return f"{'unix' if config.proto == 'tcp' else 'unixgram'} {config.unix}"
+    return f"{config.proto} {config.host}:{config.port}"
+
+
 def _fail(message: Any, status: int) -> int:
     print(f"sockserv: error: {message}", file=sys.stderr)
     return status
@@ -160,6 +167,9 @@ def run(config: Config, handler_class: type) -> int:
     STOPPING and watchdog pings (see :mod:`sockserv.systemd`)."""
     try:
         identity = privileges.plan(config)
+        # Read and check the TLS files now: before binding, and before privileges are
+        # dropped (workers and children inherit the context built here).
+        tls.server_context(config)
         passed = systemd.activation()
         if passed is not None and passed.connection is not None:
             privileges.drop(identity, config)
@@ -173,8 +183,7 @@ def run(config: Config, handler_class: type) -> int:
     except (privileges.SetupError, systemd.ActivationError) as exc:
         return _fail(exc, 1)
     except OSError as exc:
-        where = f"{config.proto} {config.host}:{config.port}"
-        return _fail(f"cannot bind {where}: {exc.strerror or exc}", 1)
+        return _fail(f"cannot bind {_where(config)}: {exc.strerror or exc}", 1)
     config = server.config
     pidfile = privileges.PidFile(config.pidfile) if config.pidfile else None
     try:
@@ -221,8 +230,7 @@ def run_workers(config: Config, handler_class: type, identity: Any,
     try:
         supervisor = Supervisor(config, handler_class, listener, reload=reload)
     except OSError as exc:
-        where = f"{config.proto} {config.host}:{config.port}"
-        return _fail(f"cannot bind {where}: {exc.strerror or exc}", 1)
+        return _fail(f"cannot bind {_where(config)}: {exc.strerror or exc}", 1)
     pidfile = privileges.PidFile(config.pidfile) if config.pidfile else None
     try:
         if pidfile is not None:

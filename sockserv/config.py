@@ -17,6 +17,8 @@ import tomllib
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .access import parse_networks
+
 __all__ = ["Config", "ConfigError", "SETTINGS", "load_config", "to_toml"]
 
 ENV_PREFIX = "SOCKSERV_"
@@ -137,6 +139,33 @@ def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return wrapped
 
 
+def _unix_path(value: Any) -> str:
+    """A filesystem path for a Unix socket: the kernel takes at most 107 bytes."""
+    value = _text(value)
+    if "\0" in value:
+        raise ValueError(f"{value!r} contains a NUL byte")
+    if len(os.fsencode(value)) > 107:
+        raise ValueError(f"{value!r} is longer than the 107 bytes a Unix socket path may have")
+    return value
+
+
+_unix_path.metavar = "PATH"  # type: ignore[attr-defined]
+
+
+def _octal_mode(value: Any) -> str:
+    """Permission bits in octal, as chmod takes them: ``"660"`` (a string, also in TOML)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a string of octal digits (write it as \"660\")")
+    digits = value.strip().removeprefix("0o")
+    if not 1 <= len(digits) <= 4 or any(c not in "01234567" for c in digits) \
+            or int(digits, 8) > 0o777:
+        raise ValueError(f"{value!r} is not a permission mode in octal, 0 to 777 (e.g. 660)")
+    return format(int(digits, 8), "03o")
+
+
+_octal_mode.metavar = "MODE"  # type: ignore[attr-defined]
+
+
 def setting(default: Any, parse: Callable[[Any], Any], help: str, *, live: bool = False) -> Any:
     """Declare one setting: a dataclass field carrying its parser and help."""
     return dataclasses.field(default=default, metadata={"parse": parse, "help": help, "live": live})
@@ -157,7 +186,23 @@ class Config:
                         "address to bind (IPv4 or IPv6, e.g. ::1)")
     port: int = setting(None, _optional(_integer(0, 65535)),
                         "port to bind, 0 for any (default 7007 for echo, 7070 for push)")
+    unix: str = setting(None, _optional(_unix_path),
+                        "serve on a Unix socket at this path instead of host and port "
+                        "(stream; datagram with proto udp)")
+    unix_mode: str = setting(None, _optional(_octal_mode),
+                             "with unix: the socket file's permissions in octal, e.g. 660 "
+                             "(default: from the umask)")
     backlog: int = setting(1024, _integer(1, 1 << 20), "TCP listen backlog")
+    tls_cert: str = setting(None, _optional(_named(_text, "FILE")),
+                            "serve TLS (TCP only) with this PEM certificate chain")
+    tls_key: str = setting(None, _optional(_named(_text, "FILE")),
+                           "the PEM private key of tls_cert (default: in the tls_cert file)")
+    tls_ca: str = setting(None, _optional(_named(_text, "FILE")),
+                          "require client certificates signed by these PEM CA certificates "
+                          "(a file, or a hashed directory)")
+    tls_handshake_timeout: float = setting(10.0, _seconds,
+                                           "close a TLS client whose handshake is not done "
+                                           "in this time, 0 = never", live=True)
     workers: int = setting(1, _integer(1, 64),
                            "pre-forked worker processes under one supervisor (select, thread)",
                            live=True)
@@ -186,6 +231,15 @@ class Config:
     log_level: str = setting("info", _choice("debug", "info", "warning", "error"),
                              "logging threshold", live=True)
     access_log: bool = setting(False, _boolean, "log one line per connection", live=True)
+    allow: tuple[str, ...] = setting((), parse_networks,
+                                     "only peers in these CIDR networks may connect (TCP) or "
+                                     "send (UDP); empty allows all", live=True)
+    deny: tuple[str, ...] = setting((), parse_networks,
+                                    "peers in these CIDR networks are refused; wins over allow",
+                                    live=True)
+    max_connections_per_ip: int = setting(0, _integer(0, 1 << 24),
+                                          "most TCP connections one IP address may hold at "
+                                          "once (per process), 0 = unlimited", live=True)
     user: str = setting(None, _optional(_named(_account("user"), "USER")),
                         "after binding, run as this user (name or uid; needs root)")
     group: str = setting(None, _optional(_named(_account("group"), "GROUP")),
@@ -213,9 +267,26 @@ class Config:
         if self.max_connections is None:
             limit = DEFAULT_MAX_CONNECTIONS[self.engine] or descriptor_limit()
             object.__setattr__(self, "max_connections", limit)
+        self._check_transport()
         if self.engine == "fork" and self.workers > 1:
             raise ConfigError(f"workers: {self.workers} workers do not go with engine fork, "
                               f"which forks per connection{_origin(self.sources, 'workers')}")
+
+    def _check_transport(self) -> None:
+        """The combinations of unix, reuse_port and the TLS settings that cannot work."""
+        for name in ("tls_key", "tls_ca"):
+            if getattr(self, name) and not self.tls_cert:
+                raise ConfigError(f"{name}: needs tls_cert (the server's certificate)"
+                                  f"{_origin(self.sources, name)}")
+        if self.tls_cert and self.proto != "tcp":
+            raise ConfigError(f"tls_cert: TLS needs proto tcp, not {self.proto} (DTLS is not "
+                              f"supported){_origin(self.sources, 'tls_cert')}")
+        if self.unix_mode and not self.unix:
+            raise ConfigError("unix_mode: needs unix (a socket path)"
+                              + _origin(self.sources, "unix_mode"))
+        if self.unix and self.reuse_port:
+            raise ConfigError(f"reuse_port: does not go with unix (SO_REUSEPORT is for IP "
+                              f"ports){_origin(self.sources, 'reuse_port')}")
 
     def replace(self, **changes: Any) -> Config:
         """A copy with some settings changed (and validated)."""
@@ -301,6 +372,8 @@ def _toml_value(value: Any) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if value is None:
         return '""'
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     return repr(value)
 
 

@@ -27,7 +27,8 @@ class Connection:
     """One TCP connection or one UDP peer, as its handler sees it.
 
     A handler uses: ``peer`` and ``local`` (addresses), ``server`` (``.config``,
-    ``.stats``), ``write(data)``, ``close()``, ``closing``, ``buffered``.
+    ``.stats``), ``write(data)``, ``close()``, ``closing``, ``buffered``, and over
+    TLS ``peer_cert``.
     ``write`` never blocks the engine and is safe from any thread; ``close``
     flushes what was written, then closes.
 
@@ -39,6 +40,9 @@ class Connection:
     __slots__ = ()  # engines may use slots; subclasses without them get a __dict__
 
     datagram = False  #: True for a UDP peer: each data_received is one whole datagram
+    #: over TLS with ``tls_ca``: the client's verified certificate, as
+    #: ``ssl.SSLSocket.getpeercert()`` gives it; otherwise None
+    peer_cert: dict[str, Any] | None = None
 
     def __init__(self, server: Any, handler_class: type[Handler], peer: Any, local: Any) -> None:
         self.server = server
@@ -60,6 +64,12 @@ class Connection:
 
     def close(self) -> None:
         raise NotImplementedError
+
+    def gather(self, data: bytes) -> None:
+        """Like ``write``, for fan-out: an engine may hold the data briefly to send it
+        with the connection's other output in one call (the select engine does, until
+        the end of its loop turn). By default the same as ``write``."""
+        self.write(data)
 
     def abort(self) -> None:
         """Close at once, dropping unsent output."""

@@ -11,9 +11,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import TextIO
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
 
-__all__ = ["JournalFormatter", "journal_stream", "setup_logging"]
+__all__ = ["JournalFormatter", "RateLimitedLog", "journal_stream", "setup_logging"]
 
 FORMAT = "%(asctime)s sockserv[%(process)d] %(levelname)s %(message)s"
 PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
@@ -55,3 +58,37 @@ def setup_logging(level: str = "info") -> logging.Logger:
     logger.setLevel(level.upper())
     logger.propagate = False
     return logger
+
+
+class RateLimitedLog:
+    """Log through ``logger`` at most once per ``interval`` seconds: for events that
+    can come thousands of times a second (denied peers, accept failures).
+
+    ``log(level, msg, *args)`` logs, or counts the record as suppressed and returns
+    False; the next record logged ends with ``(N more suppressed)``. Thread-safe.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger = logger
+        self.interval = interval
+        self.clock = clock
+        self.suppressed = 0
+        self._last: float | None = None
+        self._lock = threading.Lock()
+
+    def log(self, level: int, msg: str, *args: Any) -> bool:
+        """Log ``msg % args`` at ``level`` unless a record went out less than
+        ``interval`` seconds ago; True if it was logged."""
+        with self._lock:
+            now = self.clock()
+            if self._last is not None and now - self._last < self.interval:
+                self.suppressed += 1
+                return False
+            self._last = now
+            suppressed, self.suppressed = self.suppressed, 0
+        if suppressed:
+            msg += " (%d more suppressed)"
+            args = (*args, suppressed)
+        self.logger.log(level, msg, *args)
+        return True

@@ -305,7 +305,7 @@ class Hub:
                         slow = []
                     slow.append(conn)
                 else:
-                    conn.write(line)
+                    conn.gather(line)  # one send per subscriber per loop turn, not per message
             except Exception:
                 log.exception("push: delivery to a subscriber failed")
         if slow is None:

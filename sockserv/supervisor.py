@@ -34,7 +34,7 @@ from typing import Any
 
 from .config import Config
 from .engines import ENGINES
-from .engines.listeners import bind_listener
+from .engines.listeners import UnixPath, bind_listener
 from .push import Hub, Ticker
 from .relay import Relay
 from .timers import Timers
@@ -86,8 +86,11 @@ class Supervisor:
         self.reload_config = reload
         self.on_ready = on_ready
         self.on_stopping = on_stopping
+        self.unix_path: UnixPath | None = None  # a socket file bound here, removed at close
         if listener is None:
             listener = bind_listener(config, reuse_port=config.reuse_port)
+            if config.unix:
+                self.unix_path = UnixPath(config.unix)
             if config.reuse_port:  # each worker binds its own; this one only proved the port free
                 self.address = listener.getsockname()
                 listener.close()
@@ -129,7 +132,10 @@ class Supervisor:
     def describe(self) -> str:
         from .connection import format_address
 
-        return f"{self.config.proto} {format_address(self.address)}"
+        proto = self.config.proto
+        if self.listener is not None and self.listener.family == socket.AF_UNIX:
+            proto = "unix" if proto == "tcp" else "unixgram"
+        return f"{proto} {format_address(self.address)}"
 
     def live_count(self) -> int:
         return len(self.workers)
@@ -328,6 +334,8 @@ class Supervisor:
                 pass
         if self.listener is not None:
             self.listener.close()
+        if self.unix_path is not None:
+            self.unix_path.remove()
 
     # -- in the worker ------------------------------------------------------------------
 

@@ -26,7 +26,8 @@ PROTOS = ["tcp", "udp"]
 
 @pytest.fixture
 def serve():
-    """``serve(cls_or_engine, handler, proto="tcp", **settings)``: a running server."""
+    """``serve(cls_or_engine, handler, proto="tcp", **settings)``: a running server
+    (at the Unix socket path ``unix=PATH``, if given)."""
     running = []
 
     def start(cls, handler, proto="tcp", host="127.0.0.1", **settings):
@@ -34,7 +35,7 @@ def serve():
             cls = ENGINES[cls, proto]
         settings.setdefault("shutdown_timeout", 3.0)
         config = Config(host=host, port=0, proto=proto, **settings)
-        server = cls((host, 0), handler, config=config)
+        server = cls(config.unix or (host, 0), handler, config=config)
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
         assert server.wait_serving(5)

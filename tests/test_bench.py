@@ -557,6 +557,8 @@ def test_compare_table_has_medians_ratios_and_spread():
          "error": "server exited with status 1"},
         canned("asyncio Protocol", "hold", None, rss=1800.0),
         canned("sockserv select", "hold", None, rss=450.0),
+        canned("asyncio push", "fanout", 100000, p99=8000.0),
+        canned("sockserv select", "fanout", 100000, p99=2000.0),
     ]
     summaries = compare.summarize(records, work)
     s = summaries["pingpong-50"]["sockserv select"]
@@ -573,6 +575,8 @@ def test_compare_table_has_medians_ratios_and_spread():
     hold_row = next(line for line in lines if line.startswith("| sockserv select | 450 |"))
     assert "| 0.25 |" in hold_row  # RSS: the ratio is to asyncio's 1,800 B (lower is better)
     assert "lower is better" in table
+    fanout = table[table.index("fan-out"):]
+    assert "| sockserv select | 2,000 | 0.25 |" in fanout  # p99 latency: lower is better
     # the order of the tables follows the workloads; servers follow the given order
     assert table.index("ping-pong, 50") < table.index("idle connections")
     assert table.index("| sockserv select |") < table.index("| sockserv fork |")

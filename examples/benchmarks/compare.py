@@ -52,16 +52,20 @@ class Workload:
     title: str
     kind: str  # echo-tcp, echo-udp or push
     args: tuple[str, ...]
-    metric: str = "per_second"  # per_second, or rss_per_connection (lower is better)
+    metric: str = "per_second"  # per_second; rss_per_connection or p99 (lower is better)
     unit: str = "msg/s"
     baseline: str = "asyncio Protocol"
 
     @property
     def higher_is_better(self) -> bool:
-        return self.metric != "rss_per_connection"
+        return self.metric not in ("rss_per_connection", "p99")
 
 
-def workloads(hold_connections: int = 1000) -> list[Workload]:
+HOLD_CONNECTIONS = 5_000
+FORK_MAX_HOLD = 1000
+
+
+def workloads(hold_connections: int = HOLD_CONNECTIONS) -> list[Workload]:
     """The comparison's scenarios (64-byte messages)."""
     return [
         Workload("pingpong-50", "ping-pong, 50 connections", "echo-tcp",
@@ -78,8 +82,8 @@ def workloads(hold_connections: int = 1000) -> list[Workload]:
                  unit="B/conn"),
         Workload("udp", "UDP, 50 datagrams outstanding", "echo-udp", ("udp", "-c", "1", "-k", "50"),
                  baseline="asyncio DatagramProtocol"),
-        Workload("fanout", "fan-out: 1,000 subscribers, 100 msg/s", "push",
-                 ("fanout", "-c", "1000", "--rate", "100"), unit="deliveries/s",
+        Workload("fanout", "fan-out: 1,000 subscribers, 100 msg/s: p99 delivery latency", "push",
+                 ("fanout", "-c", "1000", "--rate", "100"), metric="p99", unit="p99 µs",
                  baseline="asyncio push"),
     ]
 
@@ -96,6 +100,15 @@ class Server:
     command: Any  # (kind, port, connections) -> argv
     pinned: bool = True
     note: str = ""
+    max_hold: int | None = None  # a process per connection: too heavy to hold more than this
+
+    def runs(self, workload: Workload) -> bool:
+        """Whether this server takes part in ``workload``."""
+        if workload.kind not in self.kinds:
+            return False
+        if workload.metric == "rss_per_connection" and self.max_hold is not None:
+            return int(workload.args[workload.args.index("-c") + 1]) <= self.max_hold
+        return True
 
 
 def sockserv_servers(python: str) -> list[Server]:
@@ -126,7 +139,8 @@ def sockserv_servers(python: str) -> list[Server]:
             kinds.add("echo-udp")
         if has_push and (engine, "tcp") in ENGINES:
             kinds.add("push")
-        servers.append(Server(f"sockserv {engine}", frozenset(kinds), command(engine)))
+        servers.append(Server(f"sockserv {engine}", frozenset(kinds), command(engine),
+                              max_hold=FORK_MAX_HOLD if engine == "fork" else None))
     if "workers" in SETTINGS and ("select", "tcp") in ENGINES:
         n = max(2, os.cpu_count() or 2)
         kinds = {"echo-tcp", "echo-udp"} | ({"push"} if has_push else set())
@@ -146,7 +160,8 @@ def baseline_servers(python: str) -> list[Server]:
 
     servers = [
         Server("socketserver threading", frozenset({"echo-tcp"}), command("threading")),
-        Server("socketserver forking", frozenset({"echo-tcp"}), command("forking")),
+        Server("socketserver forking", frozenset({"echo-tcp"}), command("forking"),
+               max_hold=FORK_MAX_HOLD),
         Server("asyncio Protocol", frozenset({"echo-tcp"}), command("asyncio-protocol")),
         Server("asyncio streams", frozenset({"echo-tcp"}), command("asyncio-streams")),
         Server("asyncio DatagramProtocol", frozenset({"echo-udp"}), command("asyncio-udp")),
@@ -280,6 +295,8 @@ def metric_of(result: dict[str, Any] | None, metric: str) -> float | None:
         return None
     if metric == "rss_per_connection":
         return (result.get("server") or {}).get("rss_per_connection")
+    if metric == "p99":
+        return (result.get("latency_us") or {}).get("p99")
     return result.get(metric)
 
 
@@ -446,8 +463,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="measured seconds per run (default 1)")
     parser.add_argument("--warmup", type=float, default=0.5,
                         help="warm-up seconds per run (default 0.5)")
-    parser.add_argument("--hold-connections", type=int, default=1000,
-                        help="connections of the hold workload (default 1000)")
+    parser.add_argument("--hold-connections", type=int, default=HOLD_CONNECTIONS,
+                        help=f"connections of the hold workload (default {HOLD_CONNECTIONS:,}; "
+                             f"servers with a process per connection join at {FORK_MAX_HOLD:,} "
+                             "or fewer)")
     parser.add_argument("--procs", type=int, default=1, help="bench client processes (default 1)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for every process")
     parser.add_argument("--no-pin", dest="pin", action="store_false",
@@ -482,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("no server matches --servers (see --list)")
     opts.pin = opts.pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
 
-    plan = [(s, w) for w in work for s in servers if w.kind in s.kinds]
+    plan = [(s, w) for w in work for s in servers if s.runs(w)]
     records = []
     log_dir = Path(tempfile.mkdtemp(prefix="sockserv-compare-"))
     started = time.monotonic()
@@ -492,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         order = servers[shift:] + servers[:shift]
         for w in work:
             for s in order:
-                if w.kind not in s.kinds:
+                if not s.runs(w):
                     continue
                 rec = run_one(s, w, opts, log_dir)
                 rec["round"] = rnd
@@ -508,6 +527,9 @@ def main(argv: list[str] | None = None) -> int:
     order = [s.name for s in servers]
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     notes = [f"- {s.name}: {s.note}" for s in servers if s.note]
+    notes += [f"- {s.name}: left out of `{w.key}` (a process per connection; at most "
+              f"{s.max_hold:,} held)" for w in work for s in servers
+              if w.kind in s.kinds and not s.runs(w)]
     pin_text = ("server pinned to core 0, client to core 1 (taskset)" if opts.pin
                 else "not pinned")
     text = "\n".join([

@@ -32,6 +32,8 @@ ENGINES: dict[tuple[str, str], type[ServerMixin]] = {
 
 
 def make_server(config: Config, handler_class: type, bind_and_activate: bool = True) -> Any:
-    """Build (and by default bind) the server that ``config.engine`` and ``config.proto`` name."""
+    """Build (and by default bind) the server that ``config.engine`` and ``config.proto`` name,
+    at ``config.unix`` (a Unix socket path) if set, else at ``config.host``:``config.port``."""
     cls = ENGINES[config.engine, config.proto]
-    return cls((config.host, config.port), handler_class, bind_and_activate, config=config)
+    address = config.unix if config.unix else (config.host, config.port)
+    return cls(address, handler_class, bind_and_activate, config=config)

@@ -8,6 +8,7 @@ handler.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import selectors
@@ -19,16 +20,23 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from ..config import Config
+from ..access import AccessRules, peer_key
+from ..config import Config, ConfigError
 from ..connection import format_address
 from ..handlers import Handler
+from ..log import RateLimitedLog
 from ..push import Hub, Ticker
 from ..timers import Timers
+from ..tls import server_context
 from .blocking import serve_stream
+from .listeners import UnixPath, bind_unix
 
 __all__ = ["ServerMixin", "Stats"]
 
 log = logging.getLogger("sockserv")
+
+RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_LINGER_RESET = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # struct linger {on, 0 s}: close resets
 
 
 class Stats:
@@ -44,6 +52,8 @@ class Stats:
         self.delivered = 0  # push messages handed to subscribers
         self.slow_dropped = 0  # push messages dropped for slow subscribers (slow_consumer=drop)
         self.slow_disconnected = 0  # slow subscribers closed (slow_consumer=disconnect)
+        self.denied = 0  # TCP connections reset and UDP datagrams dropped by allow/deny
+        self.refused_per_ip = 0  # TCP connections reset over max_connections_per_ip
 
     def opened(self) -> None:
         with self._lock:
@@ -57,6 +67,11 @@ class Stats:
     def drop(self) -> None:
         with self._lock:
             self.dropped += 1
+
+    def count(self, name: str) -> None:
+        """Add one to the counter ``name`` (e.g. ``denied``)."""
+        with self._lock:
+            setattr(self, name, getattr(self, name) + 1)
 
     def add_traffic(self, bytes_in: int, bytes_out: int) -> None:
         with self._lock:
@@ -117,6 +132,14 @@ class ServerMixin:
         self.handler_class = RequestHandlerClass if sockserv_handler else None
         if isinstance(server_address, tuple) and ":" in str(server_address[0]):
             self.address_family = socket.AF_INET6
+        elif isinstance(server_address, str | bytes):  # a Unix socket's path
+            self.address_family = socket.AF_UNIX
+        self._unix_path: UnixPath | None = None  # the socket file server_bind made
+        # TLS: the context is built, its files read and checked, before anything is bound.
+        self.tls_context = server_context(self.config)
+        if self.tls_context is not None and self.socket_type != socket.SOCK_STREAM:
+            raise ConfigError("tls_cert: TLS needs a stream (TCP) server, not "
+                              f"{type(self).__name__}")
         self.request_queue_size = self.config.backlog
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -128,6 +151,17 @@ class ServerMixin:
         self._stopped = threading.Event()
         self._stopped.set()
         self._closed = False
+        # Access rules, compiled once per config object (a reload brings a new one).
+        self._rules_config: Config | None = None
+        self._rules = AccessRules()
+        self._per_ip: dict[str, int] = {}  # peer address -> live TCP connections
+        self._ip_of: dict[Any, str] = {}  # request socket (fork: child pid) -> its address
+        self._per_ip_lock = threading.Lock()
+        self._refusal_logs = {"denied": RateLimitedLog(log), "refused_per_ip": RateLimitedLog(log)}
+        # Accepting pauses after EMFILE and the like: 10 ms, doubling up to 1 s.
+        self._accept_resume_at = 0.0
+        self._accept_backoff = 0.0
+        self._accept_log = RateLimitedLog(log)
         # Run by the serve loop (every engine's): timers.call_at(when, fn) on the
         # time.monotonic() clock, and call_soon_threadsafe(fn, *args) from anywhere.
         self.timers = Timers()
@@ -176,6 +210,9 @@ class ServerMixin:
                 client_address = request.getpeername()
             except OSError:
                 client_address = ""
+        if not self.verify_request(request, client_address):
+            self.shutdown_request(request)
+            return
         self.stats.opened()
         try:
             self.finish_request(request, client_address)
@@ -195,7 +232,9 @@ class ServerMixin:
         try:
             self._serving.set()
             while not self._stop_requested:
-                if self.has_capacity() != accepting:
+                if self._accept_resume_at and time.monotonic() >= self._accept_resume_at:
+                    self._accept_resume_at = 0.0  # the accept back-off is over
+                if (self.has_capacity() and not self._accept_resume_at) != accepting:
                     accepting = not accepting
                     if accepting:
                         self._selector.register(self.socket, selectors.EVENT_READ)
@@ -222,6 +261,8 @@ class ServerMixin:
             return 0.0
         timeout = self.next_timeout()
         deadline = self.timers.next_deadline()
+        if self._accept_resume_at and (deadline is None or self._accept_resume_at < deadline):
+            deadline = self._accept_resume_at
         if deadline is not None:
             wait = max(0.0, deadline - time.monotonic())
             timeout = wait if timeout is None else min(timeout, wait)
@@ -292,6 +333,8 @@ class ServerMixin:
             return
         self._closed = True
         socketserver.TCPServer.server_close(self)  # closes the listening socket only
+        if self._unix_path is not None:  # a socket file this server made (not systemd's)
+            self._unix_path.remove()
         self.close_connections(self.config.shutdown_timeout)
         self._close_wakeup()
 
@@ -321,13 +364,135 @@ class ServerMixin:
 
     # -- hooks ------------------------------------------------------------------------
 
+    def server_bind(self) -> None:
+        """Bind, as ``socketserver`` does; at a Unix socket path, replace a stale socket
+        file but never a live one (``OSError`` EADDRINUSE), apply ``unix_mode``, and
+        remember the file so that :meth:`server_close` removes it."""
+        if self.address_family != socket.AF_UNIX:
+            super().server_bind()  # type: ignore[misc]
+            return
+        self._unix_path = bind_unix(self.socket, self.server_address, self.config.unix_mode)
+        self.server_address = self.socket.getsockname()
+
     def finish_request(self, request: Any, client_address: Any) -> None:
         """Run the handler on one request: a classic one as the stdlib does, a sockserv
-        Handler (TCP) through :func:`serve_stream`."""
-        if self.handler_class is None:
+        Handler (TCP) through :func:`serve_stream`; over TLS through
+        :func:`sockserv.engines.tls.serve_tls` (the handshake first, in this thread)."""
+        if self.tls_context is not None:
+            from .tls import serve_tls  # imports the select engine, which imports this
+
+            serve_tls(self, request, client_address, self.handler_class, self.track)
+        elif self.handler_class is None:
             super().finish_request(request, client_address)
         else:
             serve_stream(self, request, client_address, self.handler_class, self.track)
+
+    def get_request(self) -> Any:
+        """As ``socketserver``'s; when ``accept`` fails for lack of descriptors or memory
+        (EMFILE, ENFILE, ENOBUFS, ENOMEM) the serve loop stops accepting for 10 ms,
+        doubling up to 1 s while it keeps failing, instead of spinning on a listener
+        that stays readable; logged at most once a second."""
+        try:
+            request = super().get_request()  # type: ignore[misc]
+        except OSError as exc:
+            if exc.errno in RESOURCE_ERRORS:
+                self.accept_failed(exc)
+            raise
+        self._accept_backoff = 0.0
+        return request
+
+    def accept_failed(self, exc: OSError) -> None:
+        """Pause accepting after a resource error (see :meth:`get_request`)."""
+        step = self._accept_backoff = min(1.0, max(0.01, self._accept_backoff * 2))
+        self._accept_resume_at = time.monotonic() + step
+        self._accept_log.log(logging.WARNING, "accept failed (%s): pausing accepting for %.2fs, "
+                             "%d connections open", exc.strerror or exc, step, self.live_count())
+
+    # -- access rules and per-address limits ------------------------------------------
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Admit a peer before any handler runs (the ``socketserver`` hook, called for
+        every TCP connection and every UDP datagram): the ``allow`` and ``deny`` rules,
+        then, for TCP, ``max_connections_per_ip``. False refuses it: the caller closes
+        the connection (reset) or drops the datagram. Refusals are counted
+        (``stats.denied``, ``stats.refused_per_ip``) and logged at most once a second
+        each. The settings are read from ``self.config`` each time, so a reload
+        applies to the next peer. A subclass adding checks of its own calls this one
+        last (``return mine(...) and super().verify_request(...)``): a connection it
+        counts is one that is admitted."""
+        config = self.config
+        if config is not self._rules_config:
+            self._rules = AccessRules(config.allow, config.deny)
+            self._rules_config = config
+        if not isinstance(client_address, tuple):
+            return True  # a Unix socket peer: no address to check
+        stream = isinstance(request, socket.socket)
+        rules = self._rules
+        if not rules and not stream:
+            return True  # the common UDP case: nothing to check
+        host = client_address[0]
+        why = rules.check(host) if rules else None
+        if why is None:
+            # Every TCP connection is counted (with the limit 0 too), so a reload that
+            # sets max_connections_per_ip counts the connections already open.
+            limit = config.max_connections_per_ip
+            if not stream or self._hold(request, host, limit):
+                return True
+            counter, why = "refused_per_ip", f"over max_connections_per_ip ({limit})"
+        else:
+            counter = "denied"
+        self.stats.count(counter)
+        self._refusal_logs[counter].log(
+            logging.INFO, "refused %s %s: %s", "connection from" if stream else "datagram from",
+            format_address(client_address), why)
+        if stream:
+            try:
+                request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError:
+                pass
+        return False
+
+    def _hold(self, request: socket.socket, host: str, limit: int) -> bool:
+        """Count one more connection of ``host`` unless it has ``limit`` (0: no limit)."""
+        key = peer_key(host)
+        with self._per_ip_lock:
+            held = self._per_ip.get(key, 0)
+            if limit and held >= limit:
+                return False
+            self._per_ip[key] = held + 1
+            self._ip_of[request] = key
+        return True
+
+    def release_peer(self, token: Any) -> None:
+        """A connection admitted by :meth:`verify_request` ended (``token``: its request
+        socket, or what :meth:`transfer_peer` moved it to): uncount it."""
+        with self._per_ip_lock:
+            key = self._ip_of.pop(token, None)
+            if key is not None:
+                held = self._per_ip[key] - 1
+                if held:
+                    self._per_ip[key] = held
+                else:
+                    del self._per_ip[key]
+
+    def transfer_peer(self, request: Any, token: Any) -> None:
+        """Count the connection of ``request`` under ``token`` from now on (the fork
+        engine: the child's pid, since the parent closes its copy of the socket)."""
+        with self._per_ip_lock:
+            key = self._ip_of.pop(request, None)
+            if key is not None:
+                self._ip_of[token] = key
+
+    def connections_per_ip(self) -> dict[str, int]:
+        """Live TCP connections by peer address (what ``max_connections_per_ip`` bounds)."""
+        with self._per_ip_lock:
+            return dict(self._per_ip)
+
+    def close_request(self, request: Any) -> None:
+        """Close a request (as ``socketserver`` does), uncounting its connection."""
+        if isinstance(request, socket.socket):
+            self.release_peer(request)
+        super().close_request(request)  # type: ignore[misc]
 
     def track(self, sock: socket.socket, conn: Any) -> None:
         """A sockserv connection on ``sock`` started (``conn``) or ended (None)."""

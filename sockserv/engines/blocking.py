@@ -106,6 +106,10 @@ class StreamConnection(Connection):
     def write(self, data: bytes) -> None:
         if not data or self.closing:
             return
+        self._send(data)
+
+    def _send(self, data: bytes) -> None:
+        """Send ``data`` (bytes for the wire) now, or leave the rest to the flusher."""
         with self._lock:
             if self._broken:
                 return
@@ -128,6 +132,15 @@ class StreamConnection(Connection):
             if not self._watched:
                 self._watched = True
                 Flusher.get().watch(self)
+
+    def receive(self) -> bytes:
+        """The next bytes for the handler, b"" at the end of input (reader thread;
+        blocks). ``BlockingIOError`` when SO_RCVTIMEO expires, ``OSError`` on errors."""
+        return self.sock.recv(RECV_SIZE)
+
+    def finish_output(self) -> None:
+        """The input is over and the handler is done: queue the last bytes for the wire
+        (TLS: close_notify) before the output drains."""
 
     def flush(self) -> bool:
         """Send pending output (flusher thread). True when nothing is left to watch."""
@@ -227,14 +240,16 @@ def set_receive_timeout(sock: socket.socket, seconds: float) -> None:
 
 
 def serve_stream(server: Any, sock: socket.socket, peer: Any, handler_class: type,
-                 register: Any = None) -> None:
+                 register: Any = None, connection: Any = StreamConnection) -> None:
     """Run one connection to its end in the calling thread.
 
     ``register(sock, conn)`` / ``register(sock, None)`` lets the server track it.
-    The caller closes the socket afterwards.
+    ``connection(server, handler_class, sock, peer)`` makes the connection (a
+    StreamConnection, or a subclass such as the TLS one). The caller closes the
+    socket afterwards.
     """
     config = server.config
-    conn = StreamConnection(server, handler_class, sock, peer)
+    conn = connection(server, handler_class, sock, peer)
     if register:
         register(sock, conn)
     exc: BaseException | None = None
@@ -243,7 +258,8 @@ def serve_stream(server: Any, sock: socket.socket, peer: Any, handler_class: typ
         set_receive_timeout(sock, idle)
     try:
         if conn.dispatch("connection_made"):
-            exc = _read_loop(conn, sock, config)
+            exc = _read_loop(conn, config)
+        conn.finish_output()
         conn.drain(config.shutdown_timeout)
     finally:
         if register:
@@ -251,10 +267,11 @@ def serve_stream(server: Any, sock: socket.socket, peer: Any, handler_class: typ
         conn.finished(exc)
 
 
-def _read_loop(conn: StreamConnection, sock: socket.socket, config: Any) -> BaseException | None:
+def _read_loop(conn: StreamConnection, config: Any) -> BaseException | None:
     high, low = config.max_buffer, config.max_buffer // 2
     stall = config.idle_timeout or None
     data_received = conn.handler.data_received
+    receive = conn.receive
     while not conn.closing:
         if conn._pending > high and not conn.wait_output_below(low, stall):
             log.info("closing %s: it has not read its output for %ss", format_address(conn.peer),
@@ -262,7 +279,7 @@ def _read_loop(conn: StreamConnection, sock: socket.socket, config: Any) -> Base
             conn.abort()
             return None
         try:
-            data = sock.recv(RECV_SIZE)
+            data = receive()
         except BlockingIOError:  # SO_RCVTIMEO expired
             log.debug("closing %s: idle for %ss", format_address(conn.peer), config.idle_timeout)
             conn.close()

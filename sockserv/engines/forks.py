@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from ..relay import Relay
-from .base import ServerMixin
+from .base import RESOURCE_ERRORS, ServerMixin
 from .peers import DatagramPeer
 
 __all__ = ["ForkingTCPServer", "ForkingUDPServer"]
@@ -42,14 +42,44 @@ class ForkEngine(ServerMixin):
     def live_count(self) -> int:
         return len(self._children)
 
+    def get_request(self) -> Any:
+        """Accept (TCP) only while a descriptor is left for the new child's pidfd too:
+        out of descriptors, accepting pauses (see ServerMixin.get_request) and the
+        connection waits in the backlog, instead of being accepted and then lost."""
+        if self.socket_type != socket.SOCK_STREAM:
+            return super().get_request()
+        try:
+            spare = os.dup(self._wake_r)  # held across accept, freed for the pidfd
+        except OSError as exc:
+            if exc.errno in RESOURCE_ERRORS:
+                self.accept_failed(exc)
+            raise
+        try:
+            return super().get_request()
+        finally:
+            os.close(spare)
+
     def process_request(self, request: Any, client_address: Any) -> None:
         """Serve the request in a new child process."""
         pid = os.fork()
         if pid:
-            self._adopt(pid)
+            if self._adopt_or_end(pid):
+                self.transfer_peer(request, pid)  # counted per address until reaped
             self.close_request(request)
             return
         self._child_main(request, client_address)
+
+    def _adopt_or_end(self, pid: int) -> bool:
+        """Adopt a new child; if no descriptor is left for its pidfd (another thread took
+        the one get_request freed), kill it rather than leave it unwatched and unreaped."""
+        try:
+            self._adopt(pid)
+            return True
+        except OSError as exc:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            self.accept_failed(exc)
+            return False
 
     def _child_main(self, request: Any, client_address: Any,
                     inbox: socket.socket | None = None) -> None:
@@ -94,6 +124,7 @@ class ForkEngine(ServerMixin):
             log.warning("child %d died of signal %d", pid, os.WTERMSIG(status))
         if self.relay is not None:
             self.relay.detach(pid)
+        self.release_peer(pid)
         self.stats.closed()
         self.child_exited(pid)
 
@@ -190,14 +221,22 @@ class ForkingUDPServer(ForkEngine, socketserver.UDPServer):
         if len(self._children) >= self.config.max_connections:
             self.stats.drop()
             return
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        except OSError as exc:  # out of descriptors: a new peer must wait (UDP: dropped)
+            self.stats.drop()
+            self.accept_failed(exc)
+            return
         parent_end.send(b"d" + data)  # the prefix keeps an empty datagram apart from EOF
         pid = os.fork()
         if pid:
             child_end.close()
+            if not self._adopt_or_end(pid):
+                parent_end.close()
+                self.stats.drop()
+                return
             self._inboxes[client_address] = parent_end
             self._peer_of[pid] = client_address
-            self._adopt(pid)
             return
         parent_end.close()
         for other in self._inboxes.values():

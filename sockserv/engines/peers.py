@@ -28,6 +28,9 @@ class DatagramPeer(Connection):
     def write(self, data: bytes) -> None:
         if self.closing:  # an empty datagram is still a datagram
             return
+        if self.peer is None:  # an unbound Unix datagram client: there is no way back
+            self.server.stats.drop()
+            return
         try:
             self.bytes_out += self.sock.sendto(data, socket.MSG_DONTWAIT, self.peer)
         except OSError:  # EAGAIN, EMSGSIZE, or the peer's ICMP error: UDP loses it

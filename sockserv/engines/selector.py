@@ -49,6 +49,7 @@ ACCEPT_BATCH = 128  # connections accepted per wakeup of the listener
 DATAGRAM_BATCH = 64  # datagrams read per wakeup of a UDP socket
 LINGER = 2.0  # seconds a closed connection keeps draining input, so the peer sees no reset
 RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_thread_id = threading.get_ident  # on the write path: one lookup less per message
 
 
 class _Callback:
@@ -113,23 +114,18 @@ class SelectorConnection(Connection):
         if self.closing:
             return
         loop = self.loop
-        if threading.get_ident() != loop.loop_thread:
+        if _thread_id() != loop.loop_thread:
             loop.call_soon_threadsafe(self.write, bytes(data))
             return
         if self._out:
-            self._out.append(data)
-            self._pending += len(data)
-            if self._pending > loop.config.max_buffer and self._events & READ:
-                self._set_events(WRITE)  # stop reading until the output drains
+            self._queue(data)
             return
         if not data:
             return
         if self._turn == loop.turn:
-            # A second write in one turn of the loop (fan-out, many lines at once):
-            # gather it, and send everything in one call when the turn ends.
-            self._out = deque((data,))
-            self._pending = len(data)
-            loop.deferred.append(self)
+            # A second write in one turn of the loop (many lines at once): gather it
+            # and send everything in one call when the turn ends.
+            self._defer(data)
             return
         self._turn = loop.turn
         try:
@@ -148,12 +144,36 @@ class SelectorConnection(Connection):
             else:
                 self._set_events(self._events | WRITE)
 
+    def gather(self, data: bytes) -> None:
+        """Like :meth:`write`, but sent at the end of this turn of the loop together with
+        whatever else the connection is sent meanwhile: a push subscriber gets the
+        messages of one turn in one ``send``."""
+        if self.closing:
+            return
+        if _thread_id() != self.loop.loop_thread:
+            self.loop.call_soon_threadsafe(self.gather, bytes(data))
+        elif self._out:
+            self._queue(data)
+        elif data:
+            self._defer(data)
+
+    def _queue(self, data: bytes) -> None:
+        self._out.append(data)
+        self._pending += len(data)
+        if self._pending > self.loop.config.max_buffer and self._events & READ:
+            self._set_events(WRITE)  # stop reading until the output drains
+
+    def _defer(self, data: bytes) -> None:
+        self._out = deque((data,))
+        self._pending = len(data)
+        self.loop.deferred.append(self)
+
     def close(self) -> None:
         """Stop reading, flush what was written, then close (bounded by shutdown_timeout)."""
         if self.closing:
             return
         loop = self.loop
-        if threading.get_ident() != loop.loop_thread:
+        if _thread_id() != loop.loop_thread:
             loop.call_soon_threadsafe(self.close)
             return
         self.closing = True
@@ -165,7 +185,7 @@ class SelectorConnection(Connection):
             self._linger()
 
     def abort(self) -> None:
-        if threading.get_ident() != self.loop.loop_thread:
+        if _thread_id() != self.loop.loop_thread:
             self.loop.call_soon_threadsafe(self.abort)
             return
         self.closing = True
@@ -384,6 +404,8 @@ class SelectorEngine(ServerMixin):
         """A connection is closed: take it out of the loop and free its slot."""
         if getattr(conn, "fd", None) is not None and conn.fd in self._poller:
             self._poller.unregister(conn.fd)
+        if conn is not None:
+            self.release_peer(conn.sock)  # the per-address count of verify_request
         self._conns -= 1
         self.stats.closed()
         if not self._accepting and not self._stop_requested and not self._closing_down:
@@ -492,6 +514,11 @@ class SelectorEngine(ServerMixin):
         self.timers.call_at(self._accept_pause, self._update_accepting)
 
     def _start_connection(self, sock: socket.socket, handler_class: type) -> None:
+        if self.tls_context is not None:  # connection_made follows the handshake
+            from .tls import start_tls_connection  # that module imports this one
+
+            start_tls_connection(self, sock, handler_class)
+            return
         conn = SelectorConnection(self, sock, handler_class)
         self._poller.register(conn.fd, READ, conn)
         if self._wheel is not None:
@@ -622,6 +649,8 @@ class SelectorUDPServer(SelectorEngine, socketserver.UDPServer):
                 return
             except OSError:
                 continue  # an ICMP error queued by an earlier send
+            if not self.verify_request((data, sock), addr):
+                continue  # allow/deny: dropped (and counted)
             if handler_class is None:
                 self._handle_classic((data, sock), addr)
                 continue
