@@ -445,3 +445,21 @@ def test_shutdown_from_the_serving_thread_does_not_deadlock(serve):
     thread.join(5)
     assert not thread.is_alive()
     server.server_close()
+
+
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_close_flushes_what_other_threads_wrote_before_it(serve, engine):
+    class WritesFromAThreadThenCloses(LineHandler):
+        def line_received(self, line):
+            writer = threading.Thread(
+                target=lambda: [self.conn.write(b"%d\n" % i) for i in range(30)])
+            writer.start()
+            writer.join()
+            self.conn.close()
+
+    server = serve(engine, WritesFromAThreadThenCloses)
+    expected = b"".join(b"%d\n" % i for i in range(30))
+    for _ in range(5):
+        with connect(server.server_address[1]) as sock:
+            sock.sendall(b"go\n")
+            assert recv_until_eof(sock) == expected

@@ -272,6 +272,10 @@ class ServerMixin:
         """Run the timers that are due and the calls queued by :meth:`call_soon_threadsafe`
         (the serve loop does, each turn)."""
         self.timers.run_due(time.monotonic())
+        self.run_calls()
+
+    def run_calls(self) -> None:
+        """Run the calls queued by :meth:`call_soon_threadsafe` (serve loop thread only)."""
         while self._calls:
             fn, args = self._calls.popleft()
             fn(*args)

@@ -9,6 +9,7 @@ once (``MSG_DONTWAIT``) and leaves the rest to the process's one
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 import selectors
@@ -16,6 +17,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..connection import Connection, format_address
@@ -24,6 +26,7 @@ __all__ = ["Flusher", "StreamConnection", "serve_stream"]
 
 log = logging.getLogger("sockserv")
 RECV_SIZE = 65536
+_DONTWAIT = socket.MSG_DONTWAIT
 
 
 class Flusher:
@@ -115,7 +118,7 @@ class StreamConnection(Connection):
                 return
             if not self._pending:
                 try:
-                    sent = self.sock.send(data, socket.MSG_DONTWAIT)
+                    sent = self.sock.send(data, _DONTWAIT)
                 except BlockingIOError:
                     sent = 0
                 except OSError:
@@ -132,6 +135,13 @@ class StreamConnection(Connection):
             if not self._watched:
                 self._watched = True
                 Flusher.get().watch(self)
+
+    def receiver(self) -> Callable[[], bytes]:
+        """The reader's receive call: :meth:`receive`, or straight ``recv`` when a
+        subclass (TLS) does not override it -- the reading hot path."""
+        if type(self).receive is StreamConnection.receive:
+            return functools.partial(self.sock.recv, RECV_SIZE)
+        return self.receive
 
     def receive(self) -> bytes:
         """The next bytes for the handler, b"" at the end of input (reader thread;
@@ -271,7 +281,7 @@ def _read_loop(conn: StreamConnection, config: Any) -> BaseException | None:
     high, low = config.max_buffer, config.max_buffer // 2
     stall = config.idle_timeout or None
     data_received = conn.handler.data_received
-    receive = conn.receive
+    receive = conn.receiver()
     while not conn.closing:
         if conn._pending > high and not conn.wait_output_below(low, stall):
             log.info("closing %s: it has not read its output for %ss", format_address(conn.peer),

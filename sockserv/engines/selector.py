@@ -176,6 +176,11 @@ class SelectorConnection(Connection):
         if _thread_id() != loop.loop_thread:
             loop.call_soon_threadsafe(self.close)
             return
+        # Writes other threads made before this close are still queued for the loop:
+        # they come first, so close() flushes everything written before it.
+        loop.run_calls()
+        if self.closing:
+            return
         self.closing = True
         if self._pending:
             self._set_events(WRITE)
@@ -427,8 +432,12 @@ class SelectorEngine(ServerMixin):
         return self._conns < self.config.max_connections
 
     def _update_accepting(self) -> None:
-        self._set_accepting(self.has_capacity() and self.now >= self._accept_pause
-                            and not self._stop_requested)
+        # self.now is this turn's start: the back-off timer, run later in the turn, must
+        # not find its own pause still on (nothing else might end it).
+        pause = self._accept_pause
+        paused = pause > self.now and pause > time.monotonic()
+        self._set_accepting(self.has_capacity() and not paused and not self._stop_requested
+                            and not self._closing_down)  # (a timer may fire while closing)
 
     #: set by a supervisor: the listener is shared with other worker processes
     shared_listener = False
