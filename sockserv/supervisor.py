@@ -228,7 +228,7 @@ class Supervisor:
         current = [w for w in self.workers.values()
                    if not w.stopping and w.generation == self.generation]
         for worker in sorted(current, key=lambda w: w.started)[self.target:]:
-            self._stop_worker(worker)  # SIGTTOU: the oldest go first
+            self._stop_worker(worker)  # SIGTTOU: the newest go first
         now = time.monotonic()
         while len(current) < self.target and now >= self._next_spawn:
             current.append(self._spawn())
@@ -347,9 +347,11 @@ class Supervisor:
         try:
             signal.set_wakeup_fd(-1)
             for signum in SIGNALS:
-                signal.signal(signum, signal.SIG_IGN)
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(signum, lambda signum, frame: stop_requested.append(signum))
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    # Not SIG_IGN, even for a moment: that would discard a pending stop.
+                    signal.signal(signum, lambda signum, frame: stop_requested.append(signum))
+                else:
+                    signal.signal(signum, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
             ready_w = self._ready_w
             self._selector.close()

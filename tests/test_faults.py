@@ -729,8 +729,11 @@ def test_sigkill_of_a_worker_costs_only_its_clients(cli, engine, proto, listener
     """workers = 2: kill one while clients are connected; the other worker's clients
     never notice, the supervisor starts another, fresh clients are served."""
     service = "tests.fault_handlers:PidEcho" if proto == "tcp" else "echo"
+    # shutdown_timeout 60: a worker that does not stop (one waiting in accept on the
+    # shared listener did not) would outlast stop_cleanly's wait before being killed
     server = cli("serve", service, "--port", "0", "--engine", engine, "--proto", proto,
-                 "--workers", "2", *(["--reuse-port"] if listener == "reuse-port" else []))
+                 "--workers", "2", "--shutdown-timeout", "60",
+                 *(["--reuse-port"] if listener == "reuse-port" else []))
     line = server.wait_line(r"supervisor \d+: \d+ \w+ worker\(s\) on ")
     port = int(line.rsplit(":", 1)[1])
     server.wait_line(r"supervisor \d+: 2 worker\(s\) serving")
@@ -745,6 +748,7 @@ def test_sigkill_of_a_worker_costs_only_its_clients(cli, engine, proto, listener
         for sock in peers:  # served by the other worker (and by the replacement)
             assert udp_round_trip(sock, ("127.0.0.1", port), b"after")
             sock.close()
+        stop_cleanly(server)
         return
     by_worker = {pid: [] for pid in workers}
     for _ in range(200):  # connections spread over the workers (not evenly)
@@ -768,6 +772,7 @@ def test_sigkill_of_a_worker_costs_only_its_clients(cli, engine, proto, listener
     for socks in by_worker.values():
         for sock in socks:
             sock.close()
+    stop_cleanly(server)
 
 
 # -- properties not covered by test_framing.py and test_push_protocol.py ------------------------

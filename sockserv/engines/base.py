@@ -229,6 +229,11 @@ class ServerMixin:
         self._stopped.clear()
         self._serve_thread = threading.get_ident()
         accepting = False
+        if self.socket_type == socket.SOCK_STREAM:
+            # Never wait in accept: with workers, every process waits on one listener,
+            # and those that lose the race for a connection would block there, deaf to
+            # a stop. (Accepted sockets are blocking all the same: flags do not pass on.)
+            self.socket.setblocking(False)
         try:
             self._serving.set()
             while not self._stop_requested:
@@ -397,7 +402,11 @@ class ServerMixin:
         doubling up to 1 s while it keeps failing, instead of spinning on a listener
         that stays readable; logged at most once a second."""
         try:
-            request = super().get_request()  # type: ignore[misc]
+            if self.socket_type == socket.SOCK_DGRAM:  # never wait either (see serve_forever)
+                data, address = self.socket.recvfrom(self.max_packet_size, socket.MSG_DONTWAIT)
+                request = (data, self.socket), address
+            else:
+                request = super().get_request()  # type: ignore[misc]
         except OSError as exc:
             if exc.errno in RESOURCE_ERRORS:
                 self.accept_failed(exc)
