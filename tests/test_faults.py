@@ -733,7 +733,11 @@ def test_sigkill_of_a_worker_costs_only_its_clients(cli, engine, proto, listener
     # shared listener did not) would outlast stop_cleanly's wait before being killed
     server = cli("serve", service, "--port", "0", "--engine", engine, "--proto", proto,
                  "--workers", "2", "--shutdown-timeout", "60",
-                 *(["--reuse-port"] if listener == "reuse-port" else []))
+                 *(["--reuse-port"] if listener == "reuse-port" else []),
+                 # shared listener: a full worker stops accepting, the other takes the rest
+                 # (with reuse_port the kernel spreads the connections itself)
+                 *(["--max-connections", "3"] if listener == "shared" and proto == "tcp"
+                   else []))
     line = server.wait_line(r"supervisor \d+: \d+ \w+ worker\(s\) on ")
     port = int(line.rsplit(":", 1)[1])
     server.wait_line(r"supervisor \d+: 2 worker\(s\) serving")

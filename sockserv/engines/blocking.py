@@ -37,6 +37,12 @@ class Flusher:
     _create_lock = threading.Lock()
 
     @classmethod
+    def _forget_after_fork(cls) -> None:
+        # A fork child has none of the parent's threads: not its flusher, and not the
+        # owner of the creation lock if another thread held it at the fork.
+        cls._instance, cls._create_lock = None, threading.Lock()
+
+    @classmethod
     def get(cls) -> Flusher:
         """The flusher of this process (a forked child gets its own)."""
         with cls._create_lock:
@@ -86,6 +92,9 @@ class Flusher:
                     self._selector.unregister(conn.sock)
                 conn.unwatched()
                 done.set()
+
+
+os.register_at_fork(after_in_child=Flusher._forget_after_fork)
 
 
 class StreamConnection(Connection):
