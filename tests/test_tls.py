@@ -232,10 +232,17 @@ class WhoAreYou(Handler):
 
 
 @pytest.mark.parametrize("engine", ENGINE_NAMES)
-def test_one_mebibyte_of_random_bytes_echoes_over_tls(serve, pki, engine):
-    server = tls_serve(serve, pki, engine)
+def test_one_mebibyte_of_random_bytes_echoes_over_tls(serve, cli, pki, engine):
+    if engine == "fork":
+        # A server of its own, as the fork engine runs: forking the test process, with
+        # the threads earlier tests leave behind, stalled this handshake now and then in
+        # long runs (under investigation; see the issue note).
+        process = cli("echo", "--port", "0", "--engine", "fork", *pki.flags())
+        address = ("127.0.0.1", process.wait_serving())
+    else:
+        address = tls_serve(serve, pki, engine).server_address
     data = os.urandom(1 << 20)
-    with TLSClient(server.server_address, pki) as client:
+    with TLSClient(address, pki) as client:
         sender = threading.Thread(target=client.sendall, args=(data,))
         sender.start()
         assert recv_exactly(client, len(data)) == data
