@@ -166,6 +166,17 @@ def _octal_mode(value: Any) -> str:
 _octal_mode.metavar = "MODE"  # type: ignore[attr-defined]
 
 
+def _bus_url(value: Any) -> str:
+    """A ``redis://`` or ``rediss://`` URL (see :func:`sockserv.bus.parse_url`)."""
+    from .bus import parse_url  # only when a bus is configured
+
+    parse_url(value)
+    return value
+
+
+_bus_url.metavar = "URL"  # type: ignore[attr-defined]
+
+
 def setting(default: Any, parse: Callable[[Any], Any], help: str, *, live: bool = False) -> Any:
     """Declare one setting: a dataclass field carrying its parser and help."""
     return dataclasses.field(default=default, metadata={"parse": parse, "help": help, "live": live})
@@ -225,6 +236,11 @@ class Config:
                                  "is closed (disconnect) or misses the message (drop)", live=True)
     tick: float = setting(0.0, _seconds, "push: publish 'MSG time <ISO-8601 UTC>' to channel "
                           "time every this many seconds, 0 = never")
+    bus: str = setting(None, _optional(_bus_url),
+                       "push: reach the subscribers of every node on this Redis, "
+                       "redis://[:PASSWORD@]HOST[:PORT][/DB] or rediss:// (TLS)")
+    bus_password: str = setting(None, _optional(_named(_text, "PASSWORD")),
+                                "push: the Redis password for bus (wins over one in the URL)")
     shutdown_timeout: float = setting(10.0, _seconds,
                                       "how long a stop or close waits for output to drain",
                                       live=True)
@@ -240,6 +256,13 @@ class Config:
     max_connections_per_ip: int = setting(0, _integer(0, 1 << 24),
                                           "most TCP connections one IP address may hold at "
                                           "once (per process), 0 = unlimited", live=True)
+    proxy_protocol: bool = setting(False, _boolean,
+                                   "every TCP connection starts with a PROXY protocol header "
+                                   "(v1 or v2) from a load balancer naming the client")
+    proxy_allow: tuple[str, ...] = setting((), parse_networks,
+                                           "with proxy_protocol: the load balancers (CIDR "
+                                           "networks) that may connect and send the header",
+                                           live=True)
     user: str = setting(None, _optional(_named(_account("user"), "USER")),
                         "after binding, run as this user (name or uid; needs root)")
     group: str = setting(None, _optional(_named(_account("group"), "GROUP")),
@@ -287,6 +310,27 @@ class Config:
         if self.unix and self.reuse_port:
             raise ConfigError(f"reuse_port: does not go with unix (SO_REUSEPORT is for IP "
                               f"ports){_origin(self.sources, 'reuse_port')}")
+        self._check_proxy()
+
+    def _check_proxy(self) -> None:
+        """proxy_protocol is for TCP, and needs the load balancers named (but on a Unix
+        socket, whose peers have no address, the socket file's permissions decide)."""
+        where = _origin(self.sources, "proxy_protocol")
+        if not self.proxy_protocol:
+            if self.proxy_allow:
+                raise ConfigError("proxy_allow: needs proxy_protocol = true"
+                                  + _origin(self.sources, "proxy_allow"))
+        elif self.proto != "tcp":
+            raise ConfigError(f"proxy_protocol: needs proto tcp, not {self.proto} (the PROXY "
+                              f"protocol over UDP is not supported){where}")
+        elif self.unix and self.proxy_allow:
+            raise ConfigError(f"proxy_allow: does not apply to unix (a Unix socket's peers have "
+                              f"no address: the socket file's permissions, unix_mode, decide "
+                              f"who connects){_origin(self.sources, 'proxy_allow')}")
+        elif not self.unix and not self.proxy_allow:
+            raise ConfigError(f"proxy_allow: name your load balancers (CIDR networks, e.g. "
+                              f"10.0.0.5/32): with proxy_protocol on{where}, only they may "
+                              f"connect")
 
     def replace(self, **changes: Any) -> Config:
         """A copy with some settings changed (and validated)."""
@@ -377,13 +421,27 @@ def _toml_value(value: Any) -> str:
     return repr(value)
 
 
+def _redacted(name: str, value: Any) -> Any:
+    """A secret as ``--print-config`` shows it: a password setting, or the password in a
+    URL (``redis://:secret@host`` -> ``redis://:***@host``), replaced by ``***``."""
+    if not isinstance(value, str) or not value:
+        return value
+    if name.endswith("password"):
+        return "***"
+    scheme, sep, rest = value.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if sep and at and ":" in userinfo:
+        return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
+    return value
+
+
 def to_toml(config: Config) -> str:
     """The effective config as TOML, each line commented with where its value came from."""
     lines = []
     for name in SETTINGS:
         value = getattr(config, name)
         origin = config.sources.get(name, "default")
-        line = f"{name} = {_toml_value(value)}  # {origin}"
+        line = f"{name} = {_toml_value(_redacted(name, value))}  # {origin}"
         if name == "config":  # a file cannot name a file: shown for information only
             if value is None:
                 continue

@@ -51,7 +51,7 @@ from .handlers import LineHandler
 
 __all__ = [
     "MAX_DATAGRAM", "Action", "Hub", "PushHandler", "Ticker", "encode_message", "handle_line",
-    "valid_channel",
+    "valid_channel", "write_each",
 ]
 
 log = logging.getLogger("sockserv")
@@ -156,6 +156,23 @@ def encode_message(channel: str | bytes, payload: str | bytes,
     return channel, line
 
 
+def write_each(conns: Any, data: bytes, room: int) -> list[Any] | None:
+    """The fan-out on any engine: ``conn.gather(data)`` for each connection of ``conns``
+    whose unsent output is at most ``room``; returns the others (or None)."""
+    slow = None
+    for conn in conns:
+        try:
+            if conn.buffered > room:
+                if slow is None:
+                    slow = []
+                slow.append(conn)
+            else:
+                conn.gather(data)  # one send per subscriber per loop turn, not per message
+        except Exception:
+            log.exception("push: delivery to a subscriber failed")
+    return slow
+
+
 class Hub:
     """The channels of one process and their subscribers (connections), and the fan-out.
 
@@ -178,12 +195,15 @@ class Hub:
 
     ``forward``, when set, is called with each message published in this process
     (not with those :meth:`deliver` gets from elsewhere): the relay uses it to
-    reach the other processes of the server.
+    reach the other processes of the server. ``bus``, when set (the node's
+    :class:`~sockserv.bus.RedisBus`, in the process that holds it), gets them too
+    (``bus.publish(line)``), for the other nodes; its counters join :meth:`stats`.
     """
 
     def __init__(self, server: Any = None) -> None:
         self.server = server
         self.forward: Callable[[bytes], None] | None = None
+        self.bus: Any = None
         self._reset()
 
     def _reset(self) -> None:
@@ -267,15 +287,22 @@ class Hub:
 
     # -- publishing ---------------------------------------------------------------------
 
-    def publish(self, channel: str | bytes, payload: str | bytes) -> int:
+    def publish(self, channel: str | bytes, payload: str | bytes, *,
+                cross_nodes: bool = True) -> int:
         """Publish ``MSG <channel> <payload>`` to every subscriber of the server.
 
         Safe from any thread. Validates and encodes once (ValueError for a bad
         channel, a newline in the payload, or, over UDP, a message too long for
-        one datagram); hands it to the relay (other processes) if any, then to
-        this process's subscribers. Returns how many of those it was handed to.
+        one datagram); hands it to the relay (other processes) if any, to the bus
+        (other nodes) if any and ``cross_nodes``, then to this process's
+        subscribers. Returns how many of those it was handed to.
         """
         channel, line = encode_message(channel, payload, self.max_message)
+        if not cross_nodes:
+            forward = self.forward
+            if forward is not None:
+                forward(line)
+            return self.deliver(channel, line)
         return self.publish_line(channel, line)
 
     def publish_line(self, channel: bytes, line: bytes) -> int:
@@ -283,6 +310,9 @@ class Hub:
         forward = self.forward
         if forward is not None:
             forward(line)
+        bus = self.bus
+        if bus is not None:
+            bus.publish(line)
         return self.deliver(channel, line)
 
     def deliver(self, channel: bytes, line: bytes) -> int:
@@ -297,17 +327,8 @@ class Hub:
                 targets = self._snapshots[channel] = tuple(subscribers)
         config = self._config()
         room = max(0, config.max_buffer - len(line))
-        slow = None
-        for conn in targets:
-            try:
-                if conn.buffered > room:
-                    if slow is None:
-                        slow = []
-                    slow.append(conn)
-                else:
-                    conn.gather(line)  # one send per subscriber per loop turn, not per message
-            except Exception:
-                log.exception("push: delivery to a subscriber failed")
+        write_all = getattr(self.server, "write_all", None)  # the engine's own fan-out
+        slow = (write_all or write_each)(targets, line, room)
         if slow is None:
             self._count(len(targets), 0, 0)
             return len(targets)
@@ -347,17 +368,22 @@ class Hub:
         """Add counts made elsewhere (e.g. a forked child's, reported through the relay)."""
         self._count(delivered, dropped, disconnected)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         """``channels``, ``subscriptions``, ``delivered``, ``dropped``, ``disconnected``
-        (this process, plus what the relay's children reported)."""
+        (this process, plus what the relay's children reported); with a bus, its
+        ``bus`` state and ``bus_sent``, ``bus_received``, ``bus_lost`` too."""
         with self._lock:
-            return {
+            stats: dict[str, Any] = {
                 "channels": len(self._channels),
                 "subscriptions": sum(len(s) for s in self._channels.values()),
                 "delivered": self._delivered,
                 "dropped": self._dropped,
                 "disconnected": self._disconnected,
             }
+        bus = self.bus
+        if bus is not None:
+            stats.update(bus.stats())
+        return stats
 
 
 _DEFAULT_CONFIG = Config()
@@ -402,7 +428,8 @@ def utc_now() -> str:
 class Ticker:
     """``tick = S``: publish ``MSG time <ISO-8601 UTC>`` to channel ``time`` every S seconds,
     from the serve loop's timers (``server.timers``), at a fixed rate without drift;
-    ticks missed while the loop was busy are skipped, not bunched."""
+    ticks missed while the loop was busy are skipped, not bunched. Each node ticks
+    for its own subscribers: ticks do not cross the bus."""
 
     channel = b"time"
 
@@ -418,7 +445,7 @@ class Ticker:
 
     def _tick(self) -> None:
         try:
-            self.server.hub.publish(self.channel, utc_now())
+            self.server.hub.publish(self.channel, utc_now(), cross_nodes=False)
         except Exception:
             log.exception("tick: publishing failed")
         now = time.monotonic()

@@ -28,6 +28,11 @@ writes with ``MSG_DONTWAIT`` and queues the rest (sent by the process's flusher
 thread); a child more than ``max_backlog`` bytes behind loses further messages,
 counted as dropped, until it catches up.
 
+Across nodes (``bus``): the parent holds the node's :class:`~sockserv.bus.RedisBus`
+(``hub.bus``). What a child sends up also goes to the bus; what the bus brings from
+other nodes goes to every child (:meth:`Relay.deliver_remote`), never back to the
+bus. Children never hold the bus.
+
 Use (the fork engine does this; a supervisor of workers the same)::
 
     relay = Relay(hub, loop)     # parent, before the first fork; loop has
@@ -209,6 +214,16 @@ class Relay:
         elif self.hub.has_subscribers():
             deliver_frames(self.hub, frames)
         self._send(frames, link)
+        bus = self.hub.bus
+        if bus is not None:
+            bus.publish(frames)  # and to the other nodes
+
+    def deliver_remote(self, frames: bytes) -> None:
+        """Whole ``MSG`` lines from the other nodes (the bus), in the parent's loop: to
+        the parent's own subscribers and every child; not back to the bus."""
+        if self.hub.has_subscribers():
+            deliver_frames(self.hub, frames)
+        self._send(frames, None)
 
     def _send(self, frames: bytes, exclude: _Link | None) -> None:
         with self._lock:
@@ -268,6 +283,7 @@ class Relay:
             hub = self.hub
             hub._reset()
         self.hub.forward = None
+        self.hub.bus = None  # the parent speaks for the node
         if spare is None:
             return None
         parent_end, child_end = spare

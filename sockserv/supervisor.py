@@ -118,6 +118,16 @@ class Supervisor:
         self.relay = Relay(self.hub, self) if getattr(handler_class, "uses_hub", False) else None
         if self.relay is not None and config.tick:
             Ticker(self, config.tick).start()
+        # Across nodes (bus): the supervisor speaks for the node; workers never hold it.
+        self.bus: Any = None
+        if config.bus and self.relay is None:
+            log.warning("bus: ignored, %s does not use the push hub", config.service)
+        elif config.bus:
+            from .bus import RedisBus
+
+            self.bus = RedisBus.from_config(config, self, self.relay.deliver_remote)
+            self.hub.bus = self.bus
+            self.bus.start()
 
     # -- what the systemd integration uses -------------------------------------------
 
@@ -324,6 +334,8 @@ class Supervisor:
             self._stop_worker(worker, signal.SIGKILL)
 
     def close(self) -> None:
+        if self.bus is not None:
+            self.bus.close()
         if self.relay is not None:
             self.relay.close()
         self._selector.close()
@@ -354,6 +366,8 @@ class Supervisor:
                     signal.signal(signum, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
             ready_w = self._ready_w
+            if self.bus is not None:
+                self.bus.forget()  # the supervisor's: this worker reaches it through the relay
             self._selector.close()
             for fd in (self._wake_r, self._wake_w, self._ready_r,
                        *(w.pidfd for w in self.workers.values())):
@@ -364,7 +378,9 @@ class Supervisor:
                 sock = bind_listener(config.replace(port=self.address[1]), reuse_port=True)
             else:
                 sock = self.listener
-            server = cls.from_socket(sock, self.handler_class, config=config.replace(tick=0.0))
+            # The supervisor ticks, and holds the bus, for the whole node.
+            worker_config = config.replace(tick=0.0, bus=None)
+            server = cls.from_socket(sock, self.handler_class, config=worker_config)
             server.shared_listener = not config.reuse_port
             server.own_listener = config.reuse_port
             if self.relay is not None:

@@ -12,10 +12,11 @@ Notifications (sd_notify(3)): :class:`Notifier` sends datagrams to
 ``NOTIFY_SOCKET`` (a path, or ``@name`` for the abstract namespace) and does
 nothing when it is unset. :class:`Service` speaks for one running server:
 ``READY=1`` on the serve loop's first turn, ``STATUS=`` refreshed every few
-seconds, ``RELOADING=1`` with ``MONOTONIC_USEC=`` and then ``READY=1`` around a
-reload, ``STOPPING=1``, and ``WATCHDOG=1`` every half ``WATCHDOG_USEC`` sent by
-the serve loop itself after the server's liveness check, so a hung loop stops
-the pings and systemd restarts the service.
+seconds (and at once when the push bus goes up or down), ``RELOADING=1`` with
+``MONOTONIC_USEC=`` and then ``READY=1`` around a reload, ``STOPPING=1``, and
+``WATCHDOG=1`` every half ``WATCHDOG_USEC`` sent by the serve loop itself after
+the server's liveness check, so a hung loop stops the pings and systemd restarts
+the service.
 
 Hooks for a supervisor of worker processes: call :func:`activation` and
 :func:`choose_listener` once in the supervisor (or bind), build each worker's
@@ -304,8 +305,9 @@ def serve_inetd(config: Config, handler_class: type, conn: PassedSocket,
     and STOPPING=1 are sent around it.
     """
     sock = conn.sock
+    # One connection per process: no relay, and no bus either (no loop runs its messages).
     server = ENGINES[config.engine, "tcp"](sock.getsockname(), handler_class, False,
-                                           config=config)
+                                           config=config.replace(bus=None))
     server.socket.close()  # nothing is bound: the connection is all there is
 
     def end_input(signum: int, frame: Any) -> None:
@@ -407,6 +409,11 @@ def monotonic_usec() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
 
 
+def _bus(server: Any) -> Any:
+    """The node's push bus (``server.hub.bus``, see :mod:`sockserv.bus`), or None."""
+    return getattr(getattr(server, "hub", None), "bus", None)
+
+
 def _subscribers(server: Any) -> int | None:
     """Subscribers of the server's push hub (``server.hub.subscriber_count()``), when
     its handler uses the hub or anyone subscribed; None otherwise."""
@@ -456,6 +463,9 @@ class Service:
             self.server.call_soon_threadsafe(self.ready)
         if self.notifier.enabled:
             self._at(self.status_interval, self._refresh)
+            bus = _bus(self.server)
+            if bus is not None:  # the bus going up or down shows at once
+                bus.on_state = lambda state: self._update_status()
         if self.watchdog_interval:
             log.info("systemd watchdog: pinging every %.3gs", self.watchdog_interval)
             self.server.call_soon_threadsafe(self._ping)
@@ -475,6 +485,9 @@ class Service:
         subscribers = _subscribers(server)
         if subscribers is not None:
             text += f", {subscribers} subscribers"
+        bus = _bus(server)
+        if bus is not None:
+            text += f", {bus.describe()}"
         if self.note:
             text += f"; {self.note}"
         return " ".join(text.split())  # one line, whatever a note held
@@ -506,6 +519,13 @@ class Service:
     def _refresh(self) -> None:
         if self._stopping:
             return
+        self._update_status()
+        self._at(self.status_interval, self._refresh)
+
+    def _update_status(self) -> None:
+        """Send STATUS= if it changed (not once stopping)."""
+        if self._stopping:
+            return
         try:
             text = self.status()
             if text != self._last_status:
@@ -513,7 +533,6 @@ class Service:
                 self.notifier.send(f"STATUS={text}")
         except Exception:
             log.exception("systemd: building STATUS failed")
-        self._at(self.status_interval, self._refresh)
 
     def _ping(self) -> None:
         try:

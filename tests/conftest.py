@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -309,3 +310,272 @@ def many_udp_clients(port, clients, messages, timeout=60.0, host="127.0.0.1"):
             sock.close()
         sel.close()
     return verified
+
+
+# -- a real redis-server (the push bus) ----------------------------------------------
+
+REDIS = shutil.which("redis-server")
+
+
+class RedisServer:
+    """A real ``redis-server`` on a loopback port, no persistence, started and stopped
+    by PID; :meth:`stop` then :meth:`start` brings it back on the same port. With
+    ``tls`` (cert, key, ca) it serves TLS only, on that port."""
+
+    def __init__(self, directory, port=None, password=None, tls=None):
+        self.directory = Path(directory)
+        self.port = port or free_port()
+        self.password = password
+        self.tls = tls
+        self.proc = None
+
+    def url(self, password=None, db=None):
+        """``redis://[:password@]127.0.0.1:PORT[/db]`` (``rediss://localhost`` with TLS)."""
+        from urllib.parse import quote
+
+        auth = f":{quote(password, safe='')}@" if password else ""
+        host = "localhost" if self.tls else "127.0.0.1"
+        return (f"{'rediss' if self.tls else 'redis'}://{auth}{host}:{self.port}"
+                + (f"/{db}" if db is not None else ""))
+
+    def start(self, timeout=10.0):
+        """Start it and wait until it answers PING."""
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        args = [REDIS, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", str(self.directory), "--logfile", str(self.directory / "redis.log")]
+        if self.tls:
+            cert, key, ca = self.tls
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", cert,
+                     "--tls-key-file", key, "--tls-ca-cert-file", ca, "--tls-auth-clients", "no"]
+        else:
+            args += ["--port", str(self.port)]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+
+        def answers():
+            if self.proc.poll() is not None:
+                log = (self.directory / "redis.log").read_text(errors="replace")[-2000:]
+                raise AssertionError(f"redis-server exited ({self.proc.returncode}): {log}")
+            try:
+                return self.command("PING") == "PONG"
+            except OSError:
+                return False
+
+        wait_for(answers, timeout, what=f"redis-server on port {self.port}")
+        return self
+
+    def stop(self):
+        """SIGTERM (by PID) and wait; SIGKILL if it does not go."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def connect(self, timeout=5.0):
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+        if self.tls:
+            import ssl
+
+            context = ssl.create_default_context(cafile=self.tls[2])
+            sock = context.wrap_socket(sock, server_hostname="localhost")
+        return sock
+
+    def command(self, *args):
+        """Run one command (AUTH first, with a password) on a new connection; returns
+        the reply as sockserv.resp parses it."""
+        from sockserv.resp import Parser, ReplyError, encode_command
+
+        with self.connect() as sock:
+            commands = [("AUTH", self.password)] if self.password else []
+            commands.append(args)
+            sock.sendall(b"".join(encode_command(*c) for c in commands))
+            parser, replies = Parser(), []
+            while len(replies) < len(commands):
+                data = sock.recv(65536)
+                if not data:
+                    raise ConnectionError("redis-server closed the connection")
+                replies += parser.feed(data)
+        if commands[0][0] == "AUTH" and isinstance(replies[0], ReplyError):
+            raise replies[0]
+        return replies[-1]
+
+    def info(self, section):
+        """``INFO section`` as a dict of strings."""
+        text = self.command("INFO", section).decode()
+        return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """``redis_server(password=None, port=None, tls=None, start=True)``: a RedisServer
+    (skips without redis-server), stopped at the end."""
+    made = []
+
+    def make(password=None, port=None, tls=None, start=True):
+        if REDIS is None:
+            pytest.skip("redis-server not installed (Debian package redis-server; "
+                        ".ci/run installs it)")
+        directory = tmp_path / f"redis-{len(made)}"
+        directory.mkdir()
+        server = RedisServer(directory, port, password, tls)
+        made.append(server)
+        if start:
+            server.start()
+        return server
+
+    yield make
+    for server in made:
+        server.stop()
+
+
+# -- a real HAProxy (PROXY protocol in front of sockserv nodes) ------------------------
+
+HAPROXY = shutil.which("haproxy", path=os.pathsep.join(
+    filter(None, [os.environ.get("PATH"), "/usr/sbin", "/usr/local/sbin"])))
+
+
+def stop_process(proc, timeout=10.0):
+    """End a subprocess this test started (None or gone: nothing to do): SIGTERM by
+    its PID, then SIGKILL if it is still there after ``timeout`` seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def listening(port, host="127.0.0.1"):
+    """True when a TCP socket listens on ``host:port`` (IPv4), read from /proc/net/tcp:
+    no connection is made, so nothing is relayed to a backend by asking."""
+    # the kernel prints the address's 4 bytes as one integer in host byte order
+    wanted = f"{int.from_bytes(socket.inet_aton(host), sys.byteorder):08X}:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        return any(fields[1] == wanted and fields[3] == "0A"  # TCP_LISTEN
+                   for fields in (line.split() for line in f) if len(fields) > 3)
+
+
+class HAProxy:
+    """A real ``haproxy`` in tcp mode: one frontend on a free loopback port (``port``),
+    round robin over ``backends`` (ports on 127.0.0.1, or ``(host, port)``), named
+    ``s0``, ``s1``... Each server line gets ``server_options`` (default: the PROXY
+    protocol v2 header and a health check every 100 ms, which HAProxy 2.6 sends as
+    a v2 LOCAL header). ``proc`` is the process (started and stopped by PID);
+    :meth:`server_status` reads the servers' states (``UP``, ``DOWN``) from its
+    stats socket. The config and log are in ``directory``. With
+    ``frontend_per_server``, each server also has a frontend of its own, on port
+    ``server_ports[i]``, that relays to it alone (so a test knows where a client
+    lands)."""
+
+    def __init__(self, directory, backends, *,
+                 server_options="send-proxy-v2 check inter 100ms fall 2 rise 1",
+                 timeout="30s", frontend_per_server=False):
+        self.directory = Path(directory)
+        self.backends = [b if isinstance(b, tuple) else ("127.0.0.1", b) for b in backends]
+        self.server_options = server_options
+        self.timeout = timeout
+        self.port = free_port()
+        self.server_ports = [free_port() for _ in self.backends] if frontend_per_server else []
+        self.proc = None
+        self.config_path = self.directory / "haproxy.cfg"
+        self.log_path = self.directory / "haproxy.log"
+        self.stats_path = self.directory / "haproxy.sock"
+
+    def config_text(self):
+        servers = "\n".join(f"    server s{i} {host}:{port} {self.server_options}"
+                            for i, (host, port) in enumerate(self.backends))
+        singles = "".join(f"""\
+frontend to_s{i}
+    bind 127.0.0.1:{own}
+    default_backend only_s{i}
+backend only_s{i}
+    server s{i} {host}:{port} {self.server_options}
+""" for i, ((host, port), own) in enumerate(zip(self.backends, self.server_ports)))
+        return f"""\
+global
+    maxconn 4096
+    stats socket {self.stats_path} mode 600 level admin
+defaults
+    mode tcp
+    option redispatch
+    retries 3
+    timeout connect 2s
+    timeout client {self.timeout}
+    timeout server {self.timeout}
+frontend sockserv
+    bind 127.0.0.1:{self.port}
+    default_backend nodes
+backend nodes
+    balance roundrobin
+{servers}
+{singles}"""
+
+    def start(self, timeout=10.0):
+        """Write the config, start ``haproxy -f CFG -db``, wait until its port listens."""
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        self.config_path.write_text(self.config_text())
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([HAPROXY, "-f", str(self.config_path), "-db"],
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+
+        def up():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"haproxy exited ({self.proc.returncode}): "
+                                     f"{self.log_path.read_text(errors='replace')[-2000:]}")
+            return all(listening(port) for port in [self.port, *self.server_ports])
+
+        wait_for(up, timeout, what=f"haproxy listening on port {self.port}")
+        return self
+
+    def stop(self):
+        """SIGTERM (by PID) and wait; SIGKILL if it does not go."""
+        stop_process(self.proc)
+
+    def command(self, line):
+        """One command on the stats socket (e.g. ``show stat``); its answer."""
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(5)
+            sock.connect(str(self.stats_path))
+            sock.sendall(line.encode() + b"\n")
+            return recv_until_eof(sock).decode()
+
+    def server_status(self):
+        """``{"s0": "UP", "s1": "DOWN", ...}`` from ``show stat``."""
+        lines = self.command("show stat").splitlines()
+        header = lines[0].lstrip("# ").split(",")
+        rows = [dict(zip(header, line.split(","), strict=False)) for line in lines[1:] if line]
+        return {row["svname"]: row["status"].split()[0] for row in rows
+                if row.get("pxname") == "nodes" and row["svname"] not in ("FRONTEND", "BACKEND")}
+
+
+@pytest.fixture
+def haproxy():
+    """``haproxy(backends, server_options=..., timeout="30s", frontend_per_server=False,
+    start=True)``: an HAProxy (skips without haproxy) in front of ``backends``, stopped
+    at the end; ``.port`` is its frontend, ``.proc`` its process. Its files are in a short directory of /tmp
+    (the stats socket's path must fit the 107 bytes of a Unix socket address)."""
+    import tempfile
+
+    made = []
+
+    def make(backends, *, start=True, **options):
+        if HAPROXY is None:
+            pytest.skip("haproxy not installed (Debian package haproxy; .ci/run installs it)")
+        proxy = HAProxy(tempfile.mkdtemp(prefix="haproxy-", dir="/tmp"), backends, **options)
+        made.append(proxy)
+        if start:
+            proxy.start()
+        return proxy
+
+    yield make
+    for proxy in made:
+        proxy.stop()
+        shutil.rmtree(proxy.directory, ignore_errors=True)

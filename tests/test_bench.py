@@ -6,6 +6,7 @@ that errors are caught, never how fast anything is."""
 
 from __future__ import annotations
 
+import array
 import importlib.util
 import itertools
 import json
@@ -26,7 +27,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import sockserv
-from sockserv.bench import Histogram
+from sockserv.bench import Histogram, Options, build_result, format_summary, soak_accounting
 
 from .conftest import ENGINE_NAMES, ROOT, run_cli
 
@@ -298,6 +299,11 @@ def test_nothing_listening_exits_1_with_one_line(cli):
     (("pingpong", "--duration", "soon"), "not a number of seconds"),
     (("fanout", "--channel", "bad channel"), "--channel"),
     (("pingpong", "-c", "100000"), "--procs"),
+    (("soak", "--proto", "udp"), "TCP workload"),
+    (("soak", "--size", "20"), "at least 28"),
+    (("soak", "--pipeline", "2"), "does not apply to soak"),
+    (("soak", "--fault-rate", "-1"), "--fault-rate"),
+    (("soak", "--channel", "c" * 110), "soak adds up to 24 more"),
 ])
 def test_bad_options_exit_2_with_one_line(args, fragment):
     done = run_cli("bench", *args)
@@ -382,6 +388,141 @@ def test_fanout_catches_a_lost_and_a_duplicated_message(serve):
     assert c["lost"] == 1 and r["errors"]["lost"] == 1
     assert c["duplicates"] == 3 and r["errors"]["duplicates"] == 3
     assert c["delivered"] == c["expected"] - 1
+
+
+# -- soak against a sockserv push server, and against deliberately lossy ones -------------
+
+SOAK = ("--duration", "2", "--warmup", "0.5", "--grace", "3")
+
+
+@pytest.mark.parametrize("workers", [(), ("--workers", "2")], ids=["one-process", "workers"])
+def test_soak_loses_nothing_and_exercises_every_fault(cli, workers):
+    server = cli("push", "--port", "0", *workers)
+    if workers:
+        line = server.wait_line(r"supervisor \d+: 2 \w+ worker\(s\) on ")
+        port = int(line.rsplit(":", 1)[1])
+        server.wait_line(r"worker\(s\) serving")
+    else:
+        port = server.wait_serving()
+    done = run_cli("bench", "soak", "--port", str(port), *SOAK, "--fault-rate", "4",
+                   "--server-pid", str(server.proc.pid), "--max-rss-growth", "50",
+                   "--json", "--progress", timeout=60)
+    assert done.returncode == 0, done.stderr
+    r = json.loads(done.stdout)
+    assert_clean(r)
+    c = r["counts"]
+    assert c["connected"] == 32 + 4 + 4  # subscribers, publishers, pingers
+    assert c["subscribers"] == 32 and c["late_subscribers"] == 8
+    assert c["published"] == c["accepted"] > 0
+    assert c["delivered"] == c["expected"] > c["accepted"]
+    assert c["lost"] == c["duplicates"] == c["reordered"] == 0
+    assert c["pings"] == c["round_trips"] > 0
+    assert set(r["faults"]) == {"reset_write", "reset_read", "half_close", "garbage",
+                                "long_line", "burst", "slow_reader", "dribble", "sub_churn"}
+    for kind, f in r["faults"].items():
+        assert f["run"] > 0 and f["failed"] == 0, (kind, f)
+        assert f["ok"] + f["shed"] == f["run"], (kind, f)
+    assert r["faults"]["slow_reader"]["shed"] > 0  # 8 MiB unread: the server let it go
+    assert r["faults"]["dribble"]["ok"] == r["faults"]["dribble"]["run"]  # no idle_timeout
+    assert r["faults"]["burst"]["run"] % 10 == 0
+    assert set(r["errors"]) == {"mismatches", "resets", "timeouts", "connect_errors",
+                                "protocol", "faults", "lost", "duplicates", "reordered"}
+    s = r["server"]
+    assert s["rss_start_bytes"] > 0 and s["rss_end_bytes"] > 0 and s["rss_ok"]
+    assert s["rss_limit_pct"] == 50 and isinstance(s["rss_change_pct"], float)
+    assert s["processes"] == s["processes_start"] == (3 if workers else 1)
+    assert set(r["delivery_latency_us"]) == {"p50", "p90", "p99", "p99.9", "max", "mean"}
+    assert (r["channels"], r["publishers"], r["pingers"], r["fault_rate"]) == (4, 4, 4, 4.0)
+    # (run_cli reads text: the progress line's \r arrives as a line break)
+    assert re.search(r"^\[ *\d+\.\ds\] soak  [\d,]+ round trips/s .* delivered [\d,]+  faults "
+                     r"[\d,]+  errors 0\x1b\[K$", done.stderr, re.M), done.stderr
+
+
+def lossy_push(mode):
+    """sockserv's push handler, broken on purpose: ``drop`` answers every 10th PUB to an
+    accounted channel with +OK but publishes nothing; ``pong`` garbles every 10th +PONG."""
+    counter = itertools.count(1)
+
+    class LossyPush(sockserv.PushHandler):
+        def line_received(self, line):
+            if mode == "drop" and line.startswith(b"PUB bench.") and b".slow." not in line:
+                if next(counter) % 10 == 0:
+                    self.conn.write(b"+OK\n")
+                    return
+            if mode == "pong" and line.startswith(b"PING ") and next(counter) % 10 == 0:
+                self.conn.write(b"+PONG garbled\n")
+                return
+            super().line_received(line)
+
+    return LossyPush
+
+
+def test_soak_reports_messages_a_server_lost(serve):
+    server = serve("select", lossy_push("drop"))
+    done = run_cli("bench", "soak", "--port", str(server.server_address[1]), *SOAK,
+                   "--fault-rate", "0", "--grace", "1", "--rate", "200", timeout=60)
+    assert done.returncode == 1
+    assert "sockserv: bench failed" in done.stderr
+    rows = {line.split()[0]: line for line in done.stdout.splitlines()[1:]}
+    assert {"throughput", "pings", "push", "delivery", "faults", "errors", "client"} <= set(rows)
+    lost = int(re.search(r"lost ([\d,]+)", rows["push"]).group(1).replace(",", ""))
+    assert lost > 0 and f"lost {lost:,}" in rows["errors"]
+    expected, delivered = (int(re.search(rf"{word} ([\d,]+)", rows["push"]).group(1)
+                               .replace(",", "")) for word in ("expected", "delivered"))
+    assert delivered + lost == expected
+
+
+def test_soak_catches_a_garbled_pong(serve):
+    server = serve("select", lossy_push("pong"))
+    status, r, _ = bench("soak", "--port", str(server.server_address[1]), *SOAK,
+                         "--fault-rate", "0")
+    assert status == 1 and not r["ok"]
+    assert r["errors"]["mismatches"] > 0 and r["first_error"].startswith("mismatches: ")
+    assert r["counts"]["round_trips"] < r["counts"]["pings"]
+    assert r["counts"]["lost"] == 0
+
+
+def stamps(*values):
+    return array.array("q", values).tobytes()
+
+
+def test_soak_accounting_counts_what_came_after_each_subscription():
+    # publisher 0: five messages stamped 10..50, all accepted, end marker stamped 60
+    pubs = {0: (5, stamps(10, 20, 30, 40, 50), True, 60)}
+
+    def account(*subs):
+        return soak_accounting([{"pubs": pubs, "subs": list(subs)}])
+
+    # (publisher, +OK time, first seen, next due, gaps, end marker seen)
+    assert account((0, 5, 0, 5, [], True)) == {
+        "expected": 6, "delivered": 6, "lost": 0, "incomplete": 0}
+    # subscribed at 25: messages 2..4 and the end marker are due; 1 came anyway, not counted
+    assert account((0, 25, 1, 5, [], True))["lost"] == 0
+    assert account((0, 25, 2, 5, [], True))["expected"] == 4
+    assert account((0, 25, 3, 5, [], True))["lost"] == 1  # message 2 never came
+    assert account((0, 25, 2, 5, [3], True))["lost"] == 1  # a gap
+    assert account((0, 25, 2, 4, [], False))["lost"] == 2  # the tail and the end marker
+    assert account((0, 5, -1, -1, [], False))["lost"] == 6  # nothing at all
+    assert account((0, 55, -1, -1, [], True))["expected"] == 1  # only the end marker
+    assert account((1, 5, -1, -1, [], False))["expected"] == 0  # a publisher never connected
+    assert soak_accounting([None])["incomplete"] == 1
+
+
+def test_soak_fails_when_the_server_rss_grows_past_the_limit():
+    opts = Options(workload="soak", server_pid=1, max_rss_growth=10.0)
+    counts = {"window": 10, "round_trips": 10, "pings": 10, "expected": 5, "delivered": 5}
+    sample = {"cpu": 1.0, "rss": 100 << 20, "hwm": 120 << 20, "processes": 1, "t": 0}
+
+    def result(rss_end):
+        end = dict(sample, rss=rss_end, t=10**9)
+        return build_result(opts, counts, Histogram(), 1.0, "", False, None, sample, end, 0.0,
+                            0.0, Histogram())
+
+    flat = result(109 << 20)
+    assert flat["ok"] and flat["server"]["rss_ok"] and flat["server"]["rss_change_pct"] == 9.0
+    grown = result(111 << 20)
+    assert not grown["ok"] and not grown["server"]["rss_ok"] and grown["error_count"] == 0
+    assert "(+11.0%, limit 10%: EXCEEDED)" in format_summary(grown)
 
 
 # -- output: JSON shape, summary table, progress line ------------------------------------

@@ -147,6 +147,16 @@ def test_print_config_is_toml_with_sources_that_reads_back(toml_file):
     assert Config(**data, config=path) == config
 
 
+def test_print_config_hides_passwords():
+    config = load_config({"bus": "redis://user:s3cret@127.0.0.1:6379/2"},
+                         {"SOCKSERV_BUS_PASSWORD": "hunter2"}, service="push")
+    text = to_toml(config)
+    assert "s3cret" not in text and "hunter2" not in text
+    assert 'bus = "redis://user:***@127.0.0.1:6379/2"  # --bus' in text
+    assert 'bus_password = "***"  # SOCKSERV_BUS_PASSWORD' in text
+    assert config.bus_password == "hunter2"  # hidden in the output only
+
+
 def test_every_setting_has_help_and_a_parser():
     for name, field in SETTINGS.items():
         assert field.metadata["help"], name

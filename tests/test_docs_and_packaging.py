@@ -37,6 +37,13 @@ def test_man_page_documents_every_setting_flag_and_variable():
             assert "--" + name.replace("_", "-") in text, name
 
 
+def test_readme_settings_list_names_every_setting():
+    text = (ROOT / "README.md").read_text()
+    listed = text[text.index("Settings: "):].split(";", 1)[0]
+    missing = [name for name in SETTINGS if name != "service" and f"`{name}`" not in listed]
+    assert not missing
+
+
 @pytest.mark.skipif(not shutil.which("groff"), reason="groff not installed")
 def test_man_page_has_no_groff_warnings():
     result = subprocess.run(["groff", "-man", "-ww", "-z", str(MAN)], capture_output=True,

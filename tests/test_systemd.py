@@ -40,6 +40,7 @@ from .conftest import (
 ACTIVATE = shutil.which("systemd-socket-activate")
 ANALYZE = shutil.which("systemd-analyze")
 UNITS = ROOT / "examples" / "systemd"
+CLUSTER_UNITS = ROOT / "examples" / "cluster"  # the push nodes of the cluster example
 needs_activate = pytest.mark.skipif(not ACTIVATE, reason="systemd-socket-activate not installed "
                                     "(Debian package systemd; .ci/run installs it)")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
@@ -814,7 +815,12 @@ UNIT_GROUPS = [
     ["sockserv@.service"],
     ["sockserv-echo-inetd.socket", "sockserv-echo-inetd@.service"],
 ]
-SERVICES = [name for group in UNIT_GROUPS for name in group if name.endswith(".service")]
+CLUSTER_UNIT_GROUPS = [["sockserv-push@.service"]]
+# (directory, units verified together), for every unit file shipped
+ALL_UNIT_GROUPS = [(UNITS, group) for group in UNIT_GROUPS] + \
+    [(CLUSTER_UNITS, group) for group in CLUSTER_UNIT_GROUPS]
+SERVICES = [directory / name for directory, group in ALL_UNIT_GROUPS for name in group
+            if name.endswith(".service")]
 needs_analyze = pytest.mark.skipif(not ANALYZE, reason="systemd-analyze not installed "
                                    "(Debian package systemd; .ci/run installs it)")
 
@@ -836,11 +842,12 @@ def man_path(tmp_path_factory):
 
 @needs_analyze
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("group", UNIT_GROUPS, ids=lambda g: g[-1])
-def test_units_pass_systemd_analyze_verify(group, man_path):
+@pytest.mark.parametrize("directory, group", ALL_UNIT_GROUPS,
+                         ids=[f"{d.name}/{g[-1]}" for d, g in ALL_UNIT_GROUPS])
+def test_units_pass_systemd_analyze_verify(directory, group, man_path):
     # Without man(1) verify cannot check Documentation=man:sockserv(1); the rest it can.
     man = [] if shutil.which("man") else ["--man=no"]
-    result = subprocess.run([ANALYZE, "verify", *man, *[str(UNITS / name) for name in group]],
+    result = subprocess.run([ANALYZE, "verify", *man, *[str(directory / name) for name in group]],
                             capture_output=True, text=True, timeout=100,
                             env={**os.environ, "MANPATH": man_path})
     complaints = result.stderr.splitlines()
@@ -854,9 +861,9 @@ def test_units_pass_systemd_analyze_verify(group, man_path):
 
 @needs_analyze
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("name", SERVICES)
-def test_units_score_2_or_less_in_systemd_analyze_security(name):
-    result = subprocess.run([ANALYZE, "security", "--offline=yes", str(UNITS / name)],
+@pytest.mark.parametrize("path", SERVICES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_units_score_2_or_less_in_systemd_analyze_security(path):
+    result = subprocess.run([ANALYZE, "security", "--offline=yes", str(path)],
                             capture_output=True, text=True, timeout=100)
     assert result.returncode == 0, result.stderr
     score = float(re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)[1])
@@ -875,3 +882,18 @@ def test_units_run_sockserv_and_match_their_roles():
     for name, body in text.items():
         if name.endswith(".service"):
             assert "ExecStart=/usr/bin/python3 -m sockserv " in body, name
+
+
+def test_cluster_units_run_push_nodes_hardened_like_the_shipped_ones():
+    units = {path.name: path.read_text() for path in CLUSTER_UNITS.iterdir()
+             if path.suffix in (".service", ".socket")}
+    assert sorted(units) == sorted(name for group in CLUSTER_UNIT_GROUPS for name in group)
+    node = units["sockserv-push@.service"]
+    assert "ExecStart=/usr/bin/python3 -m sockserv push --config /etc/sockserv/%i.toml\n" in node
+    assert "Type=notify\n" in node and "WatchdogSec=" in node
+    # A node serves its own subscribers while Redis is down: it must not need it.
+    assert not re.search(r"^(Requires|BindsTo|Requisite)=", node, re.M)
+    # The same hardening as the template it was made from.
+    hardening = (UNITS / "sockserv@.service").read_text().split("# Hardening", 1)[1]
+    assert node.split("# Hardening", 1)[1] == hardening
+    assert sorted(p.stem for p in CLUSTER_UNITS.glob("node*.toml")) == ["node1", "node2"]

@@ -375,6 +375,26 @@ def markdown_table(summaries: dict[str, dict[str, Summary]], work: list[Workload
     return "\n".join(parts)
 
 
+def overview_table(summaries: dict[str, dict[str, Summary]], work: list[Workload],
+                   server_order: list[str]) -> str:
+    """One row per server, one column per workload: the median's ratio to that
+    workload's baseline (for lower-is-better workloads, a ratio under 1 is better)."""
+    shown = [w for w in work if summaries.get(w.key)]
+    head = " | ".join(f"{w.key} ({'↑' if w.higher_is_better else '↓'})" for w in shown)
+    lines = [f"| server | {head} |", "|---|" + "---:|" * len(shown)]
+    names = [n for n in server_order if any(n in summaries[w.key] for w in shown)]
+    for name in names:
+        cells = []
+        for w in shown:
+            s, base = summaries[w.key].get(name), summaries[w.key].get(w.baseline)
+            if s is None or s.median is None or base is None or not base.median:
+                cells.append("-")
+            else:
+                cells.append(f"{s.median / base.median:.2f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def svg_chart(summaries: dict[str, dict[str, Summary]], work: list[Workload],
               server_order: list[str], title: str = "sockserv comparison") -> str:
     """Small multiples: one panel per workload, one horizontal bar per server (the median),
@@ -478,6 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="compare-results.json", metavar="PATH",
                         help="the raw results (default compare-results.json)")
     parser.add_argument("--list", action="store_true", help="list servers and workloads, exit")
+    parser.add_argument("--from-json", metavar="PATH",
+                        help="don't run anything: rebuild the table and chart from the raw "
+                             "results of an earlier run")
     opts = parser.parse_args(argv)
 
     work = workloads(opts.hold_connections)
@@ -502,7 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     opts.pin = opts.pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
 
     plan = [(s, w) for w in work for s in servers if s.runs(w)]
-    records = []
+    records: list[dict[str, Any]] = []
+    if opts.from_json:
+        return report_from_json(Path(opts.from_json), work, servers, opts)
     log_dir = Path(tempfile.mkdtemp(prefix="sockserv-compare-"))
     started = time.monotonic()
     for rnd in range(1, opts.rounds + 1):
@@ -523,37 +548,66 @@ def main(argv: list[str] | None = None) -> int:
                       + (f"  [{rec['error']}]" if rec["error"] else ""), flush=True)
     elapsed = time.monotonic() - started
 
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    header = (f"{stamp}; {machine()}; {len(plan)} runs × {opts.rounds} rounds in {elapsed:.0f} s; "
+              f"{opts.duration:g} s measured after {opts.warmup:g} s warm-up per run; "
+              + ("server pinned to core 0, client to core 1 (taskset)" if opts.pin
+                 else "not pinned") + "; 64-byte messages.")
+    argv_text = " ".join(argv if argv is not None else sys.argv[1:])
+    write_report(records, work, servers, opts, header, stamp, machine(),
+                 "python examples/benchmarks/compare.py " + argv_text)
+    print(f"(server logs in {log_dir})")
+    return 0
+
+
+def report_from_json(path: Path, work: list[Workload], servers: list[Server],
+                     opts: argparse.Namespace) -> int:
+    """Rebuild the outputs from an earlier run's raw results (``--from-json``)."""
+    data = json.loads(path.read_text())
+    records = data["records"]
+    keys = {r["workload"] for r in records}
+    work = [w for w in work if w.key in keys]
+    header = data.get("header") or f"{data['when']}; {data['machine']}."
+    write_report(records, work, servers, opts, header, data["when"], data["machine"],
+                 data.get("command", "python examples/benchmarks/compare.py"))
+    return 0
+
+
+def write_report(records: list[dict[str, Any]], work: list[Workload], servers: list[Server],
+                 opts: argparse.Namespace, header: str, stamp: str, machine_text: str,
+                 command: str) -> None:
+    """Write the Markdown tables, the SVG chart and the raw JSON; print the tables."""
     summaries = summarize(records, work)
     order = [s.name for s in servers]
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     notes = [f"- {s.name}: {s.note}" for s in servers if s.note]
     notes += [f"- {s.name}: left out of `{w.key}` (a process per connection; at most "
               f"{s.max_hold:,} held)" for w in work for s in servers
               if w.kind in s.kinds and not s.runs(w)]
-    pin_text = ("server pinned to core 0, client to core 1 (taskset)" if opts.pin
-                else "not pinned")
     text = "\n".join([
         "## sockserv comparison",
         "",
-        f"{stamp}; {machine()}; {len(plan)} runs × {opts.rounds} rounds in {elapsed:.0f} s; "
-        f"{opts.duration:g} s measured after {opts.warmup:g} s warm-up per run; {pin_text}; "
-        "64-byte messages.",
+        header,
         "",
-        "Reproduce: `python examples/benchmarks/compare.py "
-        + " ".join(a for a in (argv if argv is not None else sys.argv[1:])) + "`",
+        f"Reproduce: `{command.strip()}`",
         "",
         *notes,
         "" if notes else "",
+        "### Overview: each server's median as a multiple of the baseline's",
+        "",
+        "↑: higher is better (throughput); ↓: lower is better (memory, latency).",
+        "",
+        overview_table(summaries, work, order),
         markdown_table(summaries, work, order),
     ])
     Path(opts.markdown).write_text(text)
     Path(opts.svg).write_text(svg_chart(summaries, work, order,
                                         title=f"sockserv comparison ({stamp})"))
-    Path(opts.json).write_text(json.dumps({"machine": machine(), "when": stamp,
-                                           "records": records}, indent=1))
+    if not opts.from_json:
+        Path(opts.json).write_text(json.dumps({"machine": machine_text, "when": stamp,
+                                               "header": header, "command": command,
+                                               "records": records}, indent=1))
     print(text)
-    print(f"wrote {opts.markdown}, {opts.svg}, {opts.json} (server logs in {log_dir})")
-    return 0
+    print(f"wrote {opts.markdown}, {opts.svg}" + ("" if opts.from_json else f", {opts.json}"))
 
 
 if __name__ == "__main__":

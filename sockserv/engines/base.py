@@ -30,6 +30,7 @@ from ..timers import Timers
 from ..tls import server_context
 from .blocking import serve_stream
 from .listeners import UnixPath, bind_unix
+from .proxied import HEADER_TIMEOUT, close_waits, expect_header, receive_header
 
 __all__ = ["ServerMixin", "Stats"]
 
@@ -44,6 +45,7 @@ class Stats:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._sources: list[Any] = []  # objects whose stats() join the snapshot (the bus)
         self.connections_total = 0
         self.connections_active = 0
         self.bytes_in = 0
@@ -54,6 +56,7 @@ class Stats:
         self.slow_disconnected = 0  # slow subscribers closed (slow_consumer=disconnect)
         self.denied = 0  # TCP connections reset and UDP datagrams dropped by allow/deny
         self.refused_per_ip = 0  # TCP connections reset over max_connections_per_ip
+        self.proxy_refused = 0  # proxy_protocol: untrusted, bad or missing PROXY header
 
     def opened(self) -> None:
         with self._lock:
@@ -85,9 +88,17 @@ class Stats:
             self.slow_dropped += dropped
             self.slow_disconnected += disconnected
 
-    def snapshot(self) -> dict[str, int]:
+    def include(self, source: Any) -> None:
+        """Add ``source.stats()`` (a dict, e.g. the bus's) to every :meth:`snapshot`."""
+        self._sources.append(source)
+
+    def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+            values: dict[str, Any] = {k: v for k, v in vars(self).items()
+                                      if not k.startswith("_")}
+        for source in self._sources:
+            values.update(source.stats())
+        return values
 
 
 def is_sockserv_handler(cls: Any) -> bool:
@@ -113,21 +124,30 @@ class ServerMixin:
     systemd integration (``sockserv.systemd``) uses them for READY, STATUS and
     the watchdog, so that a hung loop stops the watchdog pings.
 
-    An engine subclass provides: ``has_capacity()``, ``live_count()``,
-    ``end_input()`` (tell every connection its input is over),
-    ``abort_all()`` and ``wait_idle(deadline)``. An engine with a loop of its own
+    With ``proxy_protocol``, accepted TCP connections wait in the serve loop for
+    their PROXY header (:mod:`sockserv.engines.proxied`), then are handed to
+    :meth:`serve_admitted` (which an engine with its own accept path overrides)
+    as the client the header names.
+
+    An engine subclass provides: ``has_capacity()`` (counting
+    :attr:`proxy_pending` as taken slots), ``live_count()``, ``end_input()``
+    (tell every connection its input is over), ``abort_all()`` and
+    ``wait_idle(deadline)``. An engine with a loop of its own
     bounds each wait by ``timers.next_deadline()`` (0 while calls are queued) and
     calls :meth:`run_scheduled` each turn.
     """
 
     allow_reuse_address = True
     max_packet_size = 65535  # UDP: the largest datagram, not the stdlib's 8192
+    #: proxy_protocol: seconds a connection has to send its whole PROXY header
+    proxy_header_timeout = HEADER_TIMEOUT
 
     def __init__(self, server_address: Any, RequestHandlerClass: type,
                  bind_and_activate: bool = True, *, config: Config | None = None) -> None:
         self.config = config if config is not None else Config()
         self.stats = Stats()
         self.hub = Hub(self)
+        self.bus: Any = None  # the node's RedisBus (config.bus), see sockserv.bus
         sockserv_handler = is_sockserv_handler(RequestHandlerClass)
         self.handler_class = RequestHandlerClass if sockserv_handler else None
         if isinstance(server_address, tuple) and ":" in str(server_address[0]):
@@ -157,7 +177,12 @@ class ServerMixin:
         self._per_ip: dict[str, int] = {}  # peer address -> live TCP connections
         self._ip_of: dict[Any, str] = {}  # request socket (fork: child pid) -> its address
         self._per_ip_lock = threading.Lock()
-        self._refusal_logs = {"denied": RateLimitedLog(log), "refused_per_ip": RateLimitedLog(log)}
+        self._refusal_logs = {name: RateLimitedLog(log)
+                              for name in ("denied", "refused_per_ip", "proxy_refused")}
+        # proxy_protocol: connections waiting for their header (fd -> HeaderWait), and
+        # proxy_allow compiled per config object (see sockserv.engines.proxied)
+        self._header_waits: dict[int, Any] = {}
+        self._proxy_rules: tuple[Config | None, AccessRules] = (None, AccessRules())
         # Accepting pauses after EMFILE and the like: 10 ms, doubling up to 1 s.
         self._accept_resume_at = 0.0
         self._accept_backoff = 0.0
@@ -173,6 +198,31 @@ class ServerMixin:
         except BaseException:
             self._close_wakeup()
             raise
+        if self.config.bus:
+            self._start_bus(RequestHandlerClass)
+
+    def _start_bus(self, handler: type) -> None:
+        """``bus``: connect this node to the others through Redis (a push service)."""
+        if not getattr(handler, "uses_hub", False):
+            log.warning("bus: ignored, %s does not use the push hub", self.config.service)
+            return
+        from ..bus import RedisBus
+
+        self.bus = RedisBus.from_config(self.config, self, self._bus_received)
+        self.hub.bus = self.bus
+        self.stats.include(self.bus)
+        self.bus.start()
+
+    def _bus_received(self, frames: bytes) -> None:
+        """Messages from the other nodes, in the serve loop: to this process's
+        subscribers and, through the fork engine's relay, to every child."""
+        relay = getattr(self, "relay", None)
+        if relay is not None:
+            relay.deliver_remote(frames)
+        else:
+            from ..relay import deliver_frames  # (relay imports the engines)
+
+            deliver_frames(self.hub, frames)
 
     @classmethod
     def from_socket(cls, sock: socket.socket, RequestHandlerClass: type, *,
@@ -210,7 +260,12 @@ class ServerMixin:
                 client_address = request.getpeername()
             except OSError:
                 client_address = ""
-        if not self.verify_request(request, client_address):
+        if self.config.proxy_protocol:  # the header first; its client is then checked
+            client_address = receive_header(self, request, client_address)
+            if client_address is None:
+                self.shutdown_request(request)
+                return
+        elif not self.verify_request(request, client_address):
             self.shutdown_request(request)
             return
         self.stats.opened()
@@ -342,9 +397,12 @@ class ServerMixin:
             return
         self._closed = True
         socketserver.TCPServer.server_close(self)  # closes the listening socket only
+        close_waits(self)  # connections still waiting for a PROXY header
         if self._unix_path is not None:  # a socket file this server made (not systemd's)
             self._unix_path.remove()
         self.close_connections(self.config.shutdown_timeout)
+        if self.bus is not None:
+            self.bus.close()
         self._close_wakeup()
 
     def close_connections(self, timeout: float) -> int:
@@ -396,6 +454,43 @@ class ServerMixin:
         else:
             serve_stream(self, request, client_address, self.handler_class, self.track)
 
+    def _handle_request_noblock(self) -> None:
+        """As ``socketserver``'s; with ``proxy_protocol`` a TCP connection first waits
+        in the serve loop for its PROXY header (see :mod:`sockserv.engines.proxied`),
+        then goes through ``verify_request`` and :meth:`serve_admitted`."""
+        if not self.config.proxy_protocol or self.socket_type != socket.SOCK_STREAM:
+            super()._handle_request_noblock()  # type: ignore[misc]
+            return
+        try:
+            request, client_address = self.get_request()
+        except OSError:
+            return
+        expect_header(self, request, client_address)
+
+    def serve_admitted(self, request: Any, client_address: Any, proxied: bool = False) -> None:
+        """Serve a connection that ``verify_request`` admitted, as ``client_address``
+        (with ``proxied``, the address its PROXY header carried): here, as
+        ``socketserver`` does, ``process_request``, its errors logged."""
+        try:
+            self.process_request(request, client_address)  # type: ignore[attr-defined]
+        except Exception:
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)  # type: ignore[attr-defined]
+        except BaseException:
+            self.shutdown_request(request)  # type: ignore[attr-defined]
+            raise
+
+    @property
+    def proxy_pending(self) -> int:
+        """Connections waiting for their PROXY header; each holds one of
+        ``max_connections``."""
+        return len(self._header_waits)
+
+    def slot_freed(self) -> None:
+        """A slot of ``max_connections`` was freed outside the engine's own counts (a
+        connection refused after waiting for its PROXY header). The serve loop checks
+        :meth:`has_capacity` each turn; an engine that does otherwise overrides this."""
+
     def get_request(self) -> Any:
         """As ``socketserver``'s; when ``accept`` fails for lack of descriptors or memory
         (EMFILE, ENFILE, ENOBUFS, ENOMEM) the serve loop stops accepting for 10 ms,
@@ -430,9 +525,11 @@ class ServerMixin:
         the connection (reset) or drops the datagram. Refusals are counted
         (``stats.denied``, ``stats.refused_per_ip``) and logged at most once a second
         each. The settings are read from ``self.config`` each time, so a reload
-        applies to the next peer. A subclass adding checks of its own calls this one
-        last (``return mine(...) and super().verify_request(...)``): a connection it
-        counts is one that is admitted."""
+        applies to the next peer. With ``proxy_protocol`` it is called once the
+        PROXY header is in, with the client address the header carries. A subclass
+        adding checks of its own calls this one last (``return mine(...) and
+        super().verify_request(...)``): a connection it counts is one that is
+        admitted."""
         config = self.config
         if config is not self._rules_config:
             self._rules = AccessRules(config.allow, config.deny)
@@ -454,16 +551,24 @@ class ServerMixin:
             counter, why = "refused_per_ip", f"over max_connections_per_ip ({limit})"
         else:
             counter = "denied"
+        self.refuse(request, client_address, counter, why)
+        return False
+
+    def refuse(self, request: Any, client_address: Any, counter: str, why: str,
+               level: int = logging.INFO) -> None:
+        """Refuse a peer: count it in ``stats.<counter>``, log why (at most once a
+        second per counter), and make closing a TCP connection reset it. The caller
+        closes the connection (or drops the datagram)."""
+        stream = isinstance(request, socket.socket)
         self.stats.count(counter)
         self._refusal_logs[counter].log(
-            logging.INFO, "refused %s %s: %s", "connection from" if stream else "datagram from",
+            level, "refused %s %s: %s", "connection from" if stream else "datagram from",
             format_address(client_address), why)
         if stream:
             try:
                 request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             except OSError:
                 pass
-        return False
 
     def _hold(self, request: socket.socket, host: str, limit: int) -> bool:
         """Count one more connection of ``host`` unless it has ``limit`` (0: no limit)."""

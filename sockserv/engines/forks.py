@@ -20,6 +20,7 @@ from typing import Any
 from ..relay import Relay
 from .base import RESOURCE_ERRORS, ServerMixin
 from .peers import DatagramPeer
+from .proxied import close_waits
 
 __all__ = ["ForkingTCPServer", "ForkingUDPServer"]
 
@@ -37,7 +38,7 @@ class ForkEngine(ServerMixin):
             self.relay = Relay(self.hub, self)  # push messages between the children
 
     def has_capacity(self) -> bool:
-        return len(self._children) < self.config.max_connections
+        return len(self._children) + len(self._header_waits) < self.config.max_connections
 
     def live_count(self) -> int:
         return len(self._children)
@@ -137,6 +138,10 @@ class ForkEngine(ServerMixin):
         for fd in (self._wake_r, self._wake_w, *self._children.values()):
             os.close(fd)
         self._children = {}
+        close_waits(self, in_child=True)  # connections the parent waits on for a PROXY header
+        if self.bus is not None:  # the parent's: this child reaches it through the relay
+            self.bus.forget()
+            self.bus = None
         if self.relay is not None:
             self.relay.become_child()
         if self.socket_type == socket.SOCK_STREAM:

@@ -32,11 +32,12 @@ from collections.abc import Callable
 from typing import Any
 
 from ..connection import Connection, format_address
-from ..push import encode_message
+from ..push import encode_message, write_each
 from ..timers import IdleWheel
 from .base import ServerMixin
 from .peers import DatagramPeer
 from .poller import Poller
+from .proxied import expect_header
 
 __all__ = ["SelectorTCPServer", "SelectorUDPServer"]
 
@@ -61,6 +62,9 @@ class _Callback:
     def __init__(self, callback: Callable[[], Any]) -> None:
         self.on_readable = callback
 
+    def on_writable(self) -> None:
+        """Nothing: an error or hang-up reported as writable too is read by on_readable."""
+
 
 class SelectorConnection(Connection):
     """A TCP connection on the event loop (see the module doc)."""
@@ -69,7 +73,8 @@ class SelectorConnection(Connection):
                  "started", "last", "_peer", "_out", "_pending", "_events", "_eof", "_close_timer",
                  "_turn")
 
-    def __init__(self, loop: SelectorEngine, sock: socket.socket, handler_class: type) -> None:
+    def __init__(self, loop: SelectorEngine, sock: socket.socket, handler_class: type,
+                 peer: Any = None) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.loop = loop
@@ -83,7 +88,9 @@ class SelectorConnection(Connection):
         self._events = READ
         self._eof = False
         self._close_timer: Any = None
-        self._peer = None  # asked of the kernel when needed: idle connections stay small
+        # None: asked of the kernel when needed, so idle connections stay small (given
+        # with proxy_protocol: the client its PROXY header named)
+        self._peer = peer
         self._turn = -1  # the loop turn of the last direct send
         self.handler = handler_class(self)
 
@@ -367,6 +374,44 @@ class SelectorEngine(ServerMixin):
         if self.deferred:
             self._send_deferred()
 
+    def write_all(self, conns: Any, data: bytes, room: int) -> list[Any] | None:
+        """The push fan-out (``Hub.deliver``): hand ``data`` to every connection of
+        ``conns`` as ``conn.write`` would (a direct ``send`` to each idle connection,
+        the first time in this turn; queued or gathered otherwise), in one tight loop
+        without a method call per connection. Returns the connections whose unsent
+        output is over ``room`` (untouched: the slow-consumer policy decides them), or
+        None. From another thread, each write is handed to the loop instead."""
+        if _thread_id() != self.loop_thread:
+            return write_each(conns, data, room)
+        turn = self.turn
+        size = len(data)
+        slow = None
+        plain = SelectorConnection  # TLS connections and UDP peers take their own path
+        for conn in conns:
+            if type(conn) is plain and conn._out is None and conn._turn != turn \
+                    and not conn.closing:
+                conn._turn = turn
+                try:
+                    sent = conn.sock.send(data)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as exc:
+                    conn._lost(exc)
+                    continue
+                conn.bytes_out += sent
+                if sent < size:
+                    conn._out = deque((memoryview(data)[sent:],))
+                    conn._pending = size - sent
+                    conn._set_events(WRITE if conn._pending > self.config.max_buffer
+                                     else conn._events | WRITE)
+            elif conn.buffered > room:
+                if slow is None:
+                    slow = []
+                slow.append(conn)
+            else:
+                conn.gather(data)
+        return slow
+
     def _send_deferred(self) -> None:
         """Send what connections gathered this turn, one call per connection."""
         deferred, self.deferred = self.deferred, []
@@ -413,6 +458,10 @@ class SelectorEngine(ServerMixin):
             self.release_peer(conn.sock)  # the per-address count of verify_request
         self._conns -= 1
         self.stats.closed()
+        self.slot_freed()
+
+    def slot_freed(self) -> None:
+        """A connection ended (or a PROXY header wait): accept again if the limit paused it."""
         if not self._accepting and not self._stop_requested and not self._closing_down:
             self._update_accepting()
 
@@ -429,7 +478,7 @@ class SelectorEngine(ServerMixin):
         self._set_accepting(False)
 
     def has_capacity(self) -> bool:
-        return self._conns < self.config.max_connections
+        return self._conns + len(self._header_waits) < self.config.max_connections
 
     def _update_accepting(self) -> None:
         # self.now is this turn's start: the back-off timer, run later in the turn, must
@@ -472,15 +521,15 @@ class SelectorEngine(ServerMixin):
 
     def _accept(self) -> None:
         listener = self.socket
-        handler_class = self.handler_class
         max_conns = self.config.max_connections
-        nodelay = self.address_family in (socket.AF_INET, socket.AF_INET6)
+        proxied = self.config.proxy_protocol
+        waits = self._header_waits  # proxy_protocol: connections waiting for a header
         # An own SO_REUSEPORT listener is closed at the limit: first take what the
         # kernel already queued on it (a few over the limit), or closing would reset them.
         drain = self.own_listener
         accepted = 0
         while True:
-            full = self._conns >= max_conns
+            full = self._conns + len(waits) >= max_conns
             if (full and not drain) or (accepted >= ACCEPT_BATCH and not full):
                 break
             accepted += 1
@@ -494,19 +543,26 @@ class SelectorEngine(ServerMixin):
                     return
                 continue  # ECONNABORTED and the like: that client is gone
             self._accept_pause_step = 0.0
-            if not self.verify_request(sock, addr):
+            if proxied:
+                expect_header(self, sock, addr)  # then verify_request, serve_admitted
+            elif self.verify_request(sock, addr):
+                self.serve_admitted(sock, addr)
+            else:
                 sock.close()
-                continue
-            self._conns += 1
-            self.stats.opened()
-            if handler_class is None:
-                self._serve_classic(sock, addr)
-                continue
-            sock.setblocking(False)
-            if nodelay:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._start_connection(sock, handler_class)
         self._update_accepting()
+
+    def serve_admitted(self, request: Any, client_address: Any, proxied: bool = False) -> None:
+        """Serve an admitted connection: on the loop (as the ``client_address`` its
+        PROXY header named, when ``proxied``), or a classic handler in a thread."""
+        self._conns += 1
+        self.stats.opened()
+        if self.handler_class is None:
+            self._serve_classic(request, client_address)
+            return
+        request.setblocking(False)
+        if self.address_family in (socket.AF_INET, socket.AF_INET6):
+            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._start_connection(request, self.handler_class, client_address if proxied else None)
 
     _accept_pause_step = 0.0
     _last_resource_log = 0.0
@@ -522,13 +578,14 @@ class SelectorEngine(ServerMixin):
                         exc.strerror or exc, step, self._conns)
         self.timers.call_at(self._accept_pause, self._update_accepting)
 
-    def _start_connection(self, sock: socket.socket, handler_class: type) -> None:
+    def _start_connection(self, sock: socket.socket, handler_class: type,
+                          peer: Any = None) -> None:
         if self.tls_context is not None:  # connection_made follows the handshake
             from .tls import start_tls_connection  # that module imports this one
 
-            start_tls_connection(self, sock, handler_class)
+            start_tls_connection(self, sock, handler_class, peer)
             return
-        conn = SelectorConnection(self, sock, handler_class)
+        conn = SelectorConnection(self, sock, handler_class, peer)
         self._poller.register(conn.fd, READ, conn)
         if self._wheel is not None:
             self._wheel.add(conn)

@@ -37,7 +37,7 @@ class ThreadEngine(ServerMixin):
         super().__init__(*args, **kwargs)
 
     def has_capacity(self) -> bool:
-        return self._workers < self.config.max_connections
+        return self._workers + len(self._header_waits) < self.config.max_connections
 
     def live_count(self) -> int:
         return self._workers
@@ -85,7 +85,7 @@ class ThreadEngine(ServerMixin):
     def _release(self) -> None:
         with self._lock:
             self._workers -= 1
-            was_full = self._workers + 1 >= self.config.max_connections
+            was_full = self._workers + 1 + len(self._header_waits) >= self.config.max_connections
             if not self._workers:
                 self._idle.notify_all()
         self.stats.closed()

@@ -97,7 +97,7 @@ class TLSStreamConnection(_TLS, StreamConnection):
             self._app_out += len(data)
             self._send(records)
 
-    def receive(self) -> bytes:
+    def receive(self, size: int = RECV_SIZE) -> bytes:
         session = self.session
         while True:
             with self._tls_lock:
@@ -217,11 +217,12 @@ class TLSSelectorConnection(_TLS, SelectorConnection):
 
     __slots__ = ("session", "_app_out", "_timer", "_made")
 
-    def __init__(self, loop: Any, sock: socket.socket, handler_class: type) -> None:
+    def __init__(self, loop: Any, sock: socket.socket, handler_class: type,
+                 peer: Any = None) -> None:
         self.session = TLSSession(loop.tls_context)
         self._app_out = 0
         self._made = False  # connection_made was called (after the handshake)
-        super().__init__(loop, sock, handler_class)
+        super().__init__(loop, sock, handler_class, peer)
         limit = loop.config.tls_handshake_timeout
         self._timer = loop.timers.call_at(loop.now + limit, self._handshake_expired) \
             if limit else None
@@ -359,10 +360,12 @@ class TLSSelectorConnection(_TLS, SelectorConnection):
         SelectorConnection._finish(self, exc)
 
 
-def start_tls_connection(loop: Any, sock: socket.socket, handler_class: type) -> None:
+def start_tls_connection(loop: Any, sock: socket.socket, handler_class: type,
+                         peer: Any = None) -> None:
     """Put a newly accepted TCP connection on the select engine's loop as a TLS one; its
-    handler's ``connection_made`` follows the handshake."""
-    conn = TLSSelectorConnection(loop, sock, handler_class)
+    handler's ``connection_made`` follows the handshake. ``peer``: as for
+    :class:`~sockserv.engines.selector.SelectorConnection` (None: ask the kernel)."""
+    conn = TLSSelectorConnection(loop, sock, handler_class, peer)
     loop._poller.register(conn.fd, READ, conn)
     if loop._wheel is not None:
         loop._wheel.add(conn)
