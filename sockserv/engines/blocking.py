@@ -151,6 +151,25 @@ class StreamConnection(Connection):
             self._watched = True
             Flusher.get().watch(self)
 
+    def echo(self, data: bytes) -> None:
+        """:class:`~sockserv.EchoHandler`'s ``data_received`` on the reader thread: the
+        reader is then the connection's only writer, so while nothing is pending
+        (the flusher idle) the bytes go out without taking the lock."""
+        if self._pending or self._broken:
+            self._send(data)
+            return
+        try:
+            sent = self.sock.send(data, _DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            with self._lock:
+                self._break()
+            return
+        self.bytes_out += sent
+        if sent != len(data):
+            self._send(memoryview(data)[sent:])
+
     def receiver(self) -> Callable[[int], bytes]:
         """The reader's receive call, taking the most bytes wanted: :meth:`receive`, or
         the socket's own ``recv`` when a subclass (TLS) does not override it -- the
@@ -298,10 +317,11 @@ def _read_loop(conn: StreamConnection, config: Any) -> BaseException | None:
     high, low = config.max_buffer, config.max_buffer // 2
     stall = config.idle_timeout or None
     data_received = conn.handler.data_received
-    if type(conn.handler).data_received is EchoHandler.data_received:
-        # Echo: what comes in goes out; one or two Python calls less per message. The
-        # loop has just checked that the connection is open, as write() would.
-        data_received = conn._send if type(conn) is StreamConnection else conn.write
+    if type(conn.handler) is EchoHandler:
+        # Echo: what comes in goes out, with one Python call per message instead of
+        # three (the loop has just checked that the connection is open, as write()
+        # would). Only the plain class: a subclass may write from other threads too.
+        data_received = conn.echo if type(conn) is StreamConnection else conn.write
     receive = conn.receiver()
     while not conn.closing:
         if conn._pending > high and not conn.wait_output_below(low, stall):
