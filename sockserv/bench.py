@@ -46,6 +46,7 @@ from typing import Any
 
 from .config import _integer
 from .config import _seconds as _config_seconds
+from .connection import format_address
 
 __all__ = ["Histogram", "Options", "add_arguments", "main", "process_tree", "server_sample"]
 
@@ -308,6 +309,10 @@ class Options:
     family: int = socket.AF_INET
     addr: Any = None
     sources: list[str] = field(default_factory=list)
+    publish_host: str | None = None  # fanout: the publisher's server, when not the same
+    publish_port: int | None = None
+    publish_family: int = socket.AF_INET
+    publish_addr: Any = None
 
     @property
     def mode(self) -> str:
@@ -394,6 +399,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="most time to open the connections (default 60)")
     parser.add_argument("--max-pending", type=_positive_int, default=256, metavar="N",
                         help="connects in progress at once per process during setup (default 256)")
+    parser.add_argument("--publish-host", default=None, metavar="HOST",
+                        help="fanout: the publisher connects to this server instead "
+                             "(e.g. another node of the same bus; default --host)")
+    parser.add_argument("--publish-port", type=_port, default=None, metavar="PORT",
+                        help="fanout: the publisher's server port (default --port)")
     parser.add_argument("--channel", default="bench",
                         help="fanout: channel name; soak: prefix of the channel names "
                              "(default bench)")
@@ -433,6 +443,9 @@ def resolve(args: argparse.Namespace) -> Options:
         raise UsageError("pingpong keeps one message in flight; use the pipeline workload")
     if wl in ("connrate", "hold", "fanout", "soak") and args.pipeline is not None:
         raise UsageError(f"--pipeline does not apply to {wl}")
+    publish_host, publish_port = args.publish_host, args.publish_port
+    if wl != "fanout" and (publish_host or publish_port):
+        raise UsageError(f"--publish-host and --publish-port apply to fanout only, not {wl}")
     soak = wl == "soak"
     warmup = args.warmup if args.warmup is not None else (5.0 if soak else 1.0)
     opts = Options(
@@ -448,6 +461,7 @@ def resolve(args: argparse.Namespace) -> Options:
         max_line=args.max_line, max_rss_growth=args.max_rss_growth, server_pid=args.server_pid,
         json=args.json,
         progress=sys.stderr.isatty() if args.progress is None else args.progress,
+        publish_host=publish_host, publish_port=publish_port,
     )
     if wl == "pingpong" and proto == "udp":
         opts.pipeline = 1
@@ -493,6 +507,15 @@ def resolve(args: argparse.Namespace) -> Options:
     except socket.gaierror as exc:
         raise UsageError(f"--host {opts.host!r}: {exc.strerror}") from None
     opts.family, opts.addr = infos[0][0], infos[0][4]
+    opts.publish_family, opts.publish_addr = opts.family, opts.addr
+    if publish_host or publish_port:
+        try:
+            infos = socket.getaddrinfo(publish_host or opts.host, publish_port or opts.port,
+                                       type=socket.SOCK_DGRAM if proto == "udp"
+                                       else socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise UsageError(f"--publish-host {publish_host!r}: {exc.strerror}") from None
+        opts.publish_family, opts.publish_addr = infos[0][0], infos[0][4]
     if opts.source_addrs:
         if opts.source_addrs > 253:
             raise UsageError("--source-addrs: at most 253 (127.0.0.2 .. 127.0.0.254)")
@@ -1460,13 +1483,14 @@ class FanoutWorker(Worker):
         self.c["subscribers"] = self.subscribed
         if self.index == 0:
             kind = socket.SOCK_DGRAM if self.dgram else socket.SOCK_STREAM
-            sock = socket.socket(o.family, kind)
+            sock = socket.socket(o.publish_family, kind)
             sock.settimeout(max(0.1, (deadline - now_ns()) / 1e9))
             try:
-                sock.connect(o.addr)
+                sock.connect(o.publish_addr)
             except OSError as exc:
                 sock.close()
-                raise RuntimeError(f"publisher cannot connect: {exc.strerror or exc}") from None
+                raise RuntimeError(f"publisher cannot connect to {_publish_target(o)}: "
+                                   f"{exc.strerror or exc}") from None
             sock.setblocking(False)
             if not self.dgram:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -2922,6 +2946,7 @@ def build_result(o: Options, counts: dict[str, int], hist: Histogram, window: fl
         ok = False
     return {
         "workload": wl, "target": _target(o), "proto": o.proto, "connections": o.connections,
+        "publish_target": _publish_target(o) if o.publish_host or o.publish_port else None,
         "size": o.size, "pipeline": o.pipeline if o.mode in ("echo", "udp") else None,
         "rate": o.rate if wl in ("fanout", "soak") else None, "procs": o.procs,
         "source_addrs": o.source_addrs, "duration": o.duration, "warmup": o.warmup,
@@ -2961,6 +2986,12 @@ def _soak_figures(o: Options, counts: dict[str, int], delivery: Histogram | None
 def _target(o: Options) -> str:
     host = o.host
     return f"[{host}]:{o.port}" if ":" in host else f"{host}:{o.port}"
+
+
+def _publish_target(o: Options) -> str:
+    """fanout: the publisher's server (``--publish-host``/``--publish-port``, else the
+    subscribers')."""
+    return format_address((o.publish_host or o.host, o.publish_port or o.port))
 
 
 def _unit(o: Options) -> str:
@@ -3010,6 +3041,8 @@ def format_summary(r: dict[str, Any]) -> str:
         shape = f"{n} connections held {r['duration']:g} s"
     elif wl == "fanout":
         shape = f"{n} subscribers, {r['rate']:g} msg/s"
+        if r.get("publish_target"):
+            shape += f" published on {r['publish_target']}"
     else:
         shape = f"{n} socket(s) x {r['pipeline']} outstanding"
     if wl in ("pingpong", "pipeline") and r["proto"] == "udp":

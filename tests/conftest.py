@@ -497,8 +497,8 @@ frontend to_s{i}
     bind 127.0.0.1:{own}
     default_backend only_s{i}
 backend only_s{i}
-    server s{i} {host}:{port} {self.server_options}
-""" for i, ((host, port), own) in enumerate(zip(self.backends, self.server_ports)))
+    server s{i} {self.backends[i][0]}:{self.backends[i][1]} {self.server_options}
+""" for i, own in enumerate(self.server_ports))
         return f"""\
 global
     maxconn 4096
@@ -560,8 +560,9 @@ backend nodes
 def haproxy():
     """``haproxy(backends, server_options=..., timeout="30s", frontend_per_server=False,
     start=True)``: an HAProxy (skips without haproxy) in front of ``backends``, stopped
-    at the end; ``.port`` is its frontend, ``.proc`` its process. Its files are in a short directory of /tmp
-    (the stats socket's path must fit the 107 bytes of a Unix socket address)."""
+    at the end; ``.port`` is its frontend, ``.proc`` its process. Its files are in a
+    short directory of /tmp (the stats socket's path must fit the 107 bytes of a Unix
+    socket address)."""
     import tempfile
 
     made = []

@@ -304,6 +304,7 @@ def test_nothing_listening_exits_1_with_one_line(cli):
     (("soak", "--pipeline", "2"), "does not apply to soak"),
     (("soak", "--fault-rate", "-1"), "--fault-rate"),
     (("soak", "--channel", "c" * 110), "soak adds up to 24 more"),
+    (("pingpong", "--publish-port", "7071"), "apply to fanout only"),
 ])
 def test_bad_options_exit_2_with_one_line(args, fragment):
     done = run_cli("bench", *args)
@@ -377,6 +378,26 @@ def test_fanout_over_udp(serve):
     c = r["counts"]
     assert c["subscribers"] == 3 and c["delivered"] + c["lost"] == c["expected"] > 0
     assert c["duplicates"] == 0 and r["errors"]["mismatches"] == 0
+
+
+def test_fanout_across_nodes_publishes_on_one_and_subscribes_on_the_other(cli, redis_server):
+    from .test_bus import Node
+
+    redis = redis_server()
+    subscribed, publishing = Node(cli, redis.url()), Node(cli, redis.url(), "--workers", "2")
+    status, r, err = bench("fanout", "--port", str(subscribed.port), "--publish-port",
+                           str(publishing.port), "-c", "4", "--rate", "50", *SHORT)
+    assert status == 0, err
+    assert_clean(r)
+    assert r["publish_target"] == f"127.0.0.1:{publishing.port}"
+    c = r["counts"]
+    assert c["subscribers"] == 4 and c["published"] > 0
+    assert c["acked"] == c["published"] + 1  # and the end marker
+    assert c["delivered"] == c["expected"] == 4 * c["published"]
+    assert c["lost"] == c["duplicates"] == c["reordered"] == 0
+    # Every message crossed through Redis: the publisher's node has no subscriber.
+    for node in (subscribed, publishing):
+        assert [line for line in node.bus_lines() if "lost" in line] == []
 
 
 def test_fanout_catches_a_lost_and_a_duplicated_message(serve):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import re
 import subprocess
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -23,8 +22,12 @@ from sockserv.connection import format_address
 
 from .conftest import HAPROXY, ROOT, free_port, listening, run_cli, stop_process, wait_for
 from .test_access import client_from
-from .test_bus import Node, messages, wait_status
-from .test_bus import notify_path  # noqa: F401  (a fixture)
+from .test_bus import (
+    Node,
+    messages,
+    notify_path,  # noqa: F401  (a fixture)
+    wait_status,
+)
 from .test_proxy import read_line
 from .test_push import Client
 
@@ -86,13 +89,11 @@ def test_subscribers_on_both_nodes_get_every_message_from_both_once_in_order(clu
             assert [m.split(":")[1] for m in received if m.split(":")[0] == name] == \
                 [*map(str, range(per_publisher)), "last"], (name, received)
         assert len(received) == expected + len(publishers)
-    # Each node crossed what its publishers sent, once, and lost nothing.
-    assert cluster.redis.info("stats")["total_connections_received"]
     for client in [*subscribers, *publishers.values()]:
         client.close()
-    for node in cluster.nodes:
+    for node in cluster.nodes:  # the bus stayed up all along
         bus = node.bus_lines()
-        assert not [line for line in bus if "lost" in line or "cannot" in line], bus
+        assert [line for line in bus if "lost" in line or "cannot" in line] == [], bus
 
 
 def test_the_node_sees_the_client_address_not_haproxys(cluster):
@@ -107,8 +108,10 @@ def test_the_node_sees_the_client_address_not_haproxys(cluster):
         # the node it reached; HAProxy's connections come from 127.0.0.1.
         pattern = re.escape(client) + r" in=9 out=10 "
         if port == cluster.proxy.port:  # balanced: either node
-            wait_for(lambda: any(re.search(pattern, line) for node in cluster.nodes
-                                 for line in drain(node)), what=f"{client} in an access log")
+            wait_for(lambda pattern=pattern: any(re.search(pattern, line)
+                                                 for node in cluster.nodes
+                                                 for line in drain(node)),
+                     what=f"{client} in an access log")
         else:
             cluster.nodes[cluster.proxy.server_ports.index(port)].server.wait_line(pattern)
     for node in cluster.nodes:
@@ -118,24 +121,32 @@ def test_the_node_sees_the_client_address_not_haproxys(cluster):
 
 def drain(node):
     """The stderr lines a node has written so far (kept in ``seen`` for wait_line)."""
-    while not node.server.lines.empty():
-        line = node.server.lines.get_nowait()
-        if line is not None:
-            node.server.seen.append(line)
-    return node.server.seen
+    server = node.server
+    while not server.lines.empty():
+        line = server.lines.get_nowait()
+        if line is None:  # the end: leave it for whoever waits next
+            server.lines.put(None)
+            break
+        server.seen.append(line)
+    return server.seen
+
+
+def count_lines(node, pattern):
+    return sum(1 for line in drain(node) if re.search(pattern, line))
 
 
 def test_redis_stopped_and_started_loses_no_local_delivery_and_crosses_again(cluster,
                                                                             notify_path):  # noqa: F811
     a, b = cluster.nodes
     sub_a, sub_b = cluster.subscriber(0), cluster.subscriber(1)
-    assert wait_status(notify_path, "bus up").endswith(", 1 subscribers, bus up")
+    # Node B's STATUS= (its supervisor's: the bus lives there, not in the workers)
+    assert wait_status(notify_path, "bus up").endswith(": 2 workers, 0 subscribers, bus up")
     cluster.publish(0, "before")
     assert messages(sub_a, 1) == messages(sub_b, 1) == ["before"]
     cluster.redis.stop()
     for node in (a, b):
         node.server.wait_line(r"bus: lost redis://127\.0\.0\.1:\d+/0 ")
-    assert wait_status(notify_path, "bus down").endswith(", 1 subscribers, bus down")
+    assert wait_status(notify_path, "bus down").endswith(", bus down")
     cluster.publish(0, "a1", "a2", "a3")
     cluster.publish(1, "b1", "b2")
     assert messages(sub_a, 3) == ["a1", "a2", "a3"]  # each node's own subscribers: all
@@ -143,7 +154,7 @@ def test_redis_stopped_and_started_loses_no_local_delivery_and_crosses_again(clu
     cluster.redis.start()  # on the same port
     a.server.wait_line(r"bus: connected again .*; 3 message\(s\) published meanwhile")
     b.server.wait_line(r"bus: connected again .*; 2 message\(s\) published meanwhile")
-    assert wait_status(notify_path, "bus up").endswith(", 1 subscribers, bus up (2 lost)")
+    assert wait_status(notify_path, "bus up").endswith(", bus up (2 lost)")
     # What could not cross stays on its node (at most once): the next message from the
     # other node is the new one.
     cluster.publish(0, "after a")
@@ -169,11 +180,11 @@ def test_a_node_stopped_leaves_the_other_serving_through_haproxy(cluster):
     assert cluster.proxy.server_status() == {"s0": "DOWN", "s1": "UP"}
     for client in [sub_b, *newcomers]:
         client.close()
-    # Node B served them: five clients of the balanced frontend (four subscribers, one
-    # publisher), each logged with what it sent ("SUB news", "PUB news still here").
-    b.server.wait_line(r"127\.0\.0\.1:\d+ in=20 out=4 ")
-    for _ in newcomers:
-        b.server.wait_line(r"127\.0\.0\.1:\d+ in=9 out=24 ")
+    # Node B served them all: its access log has the publisher ("PUB news still here",
+    # "+OK") and five subscribers ("SUB news"; "+OK", the message): the four and sub_b.
+    wait_for(lambda: count_lines(b, r"127\.0\.0\.1:\d+ in=9 out=24 ") == 5
+             and count_lines(b, r"127\.0\.0\.1:\d+ in=20 out=4 ") == 1,
+             what="node B's access log lines")
     sub_a.close()
 
 
@@ -240,7 +251,7 @@ def test_the_example_runs_as_shipped(cli, redis_server, tmp_path):
     try:
         wait_for(lambda: proc.poll() is None and listening(stats) and listening(front),
                  what="haproxy to listen")
-        # The checks run every 2 s; both pass at the first (rise 2 counts from UP).
+        # The example checks every 2 s: a PING after the v2 LOCAL header.
         wait_for(lambda: {state[:2] for state in check_states(stats).values()}
                  == {("UP", "L7OK")}, timeout=15, what="both nodes' health checks to pass")
         subscribers = [Client(front) for _ in range(2)]
@@ -255,5 +266,4 @@ def test_the_example_runs_as_shipped(cli, redis_server, tmp_path):
     finally:
         stop_process(proc)
     for node in nodes:
-        assert not [line for line in node.stop() if "refused" in line or "lost" in line]
-    assert "sockserv" in Path(config).read_text() or True
+        assert [line for line in node.stop() if "refused" in line or "lost" in line] == []
