@@ -480,9 +480,11 @@ class Service:
         if stats:
             text += (f": {stats.get('connections_active', 0)} open, "
                      f"{stats.get('connections_total', 0)} served")
-        elif hasattr(server, "workers") and hasattr(server, "live_count"):  # a supervisor
+        supervisor = not stats and hasattr(server, "workers") and hasattr(server, "live_count")
+        if supervisor:
             text += f": {server.live_count()} workers"
-        subscribers = _subscribers(server)
+        # A supervisor's own hub has no subscribers: its workers hold them.
+        subscribers = None if supervisor else _subscribers(server)
         if subscribers is not None:
             text += f", {subscribers} subscribers"
         bus = _bus(server)
