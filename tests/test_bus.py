@@ -241,20 +241,10 @@ def round_trip(publisher, subscriber, payload):
     return messages(subscriber, 1) == [payload]
 
 
-def bus_clients(redis):
-    """How many connections other than ours the Redis server holds."""
-    return int(redis.info("clients")["connected_clients"]) - 1
-
-
-def test_every_subscriber_on_every_node_gets_every_message_once_in_order(cli, redis_server):
-    redis = redis_server()
-    url = redis.url()
-    nodes = [Node(cli, url), Node(cli, url, "--workers", "2"), Node(cli, url, "--engine", "fork")]
-    # One bus per node: two connections each, whatever its workers and children.
-    assert bus_clients(redis) == 2 * len(nodes)
-    subscribers = [node.subscriber() for node in nodes for _ in range(3)]
-    per_publisher = 20
-    publishers = {f"{i}.{j}": node.client() for i, node in enumerate(nodes) for j in range(2)}
+def check_every_message_once_in_order(publishers, subscribers, per_publisher):
+    """Each publisher (name -> client) pipelines ``per_publisher`` PUBs on channel
+    ``news``, then a last one; every subscriber gets all of them exactly once and in
+    order per publisher (the last message catches a late copy of an earlier one)."""
     for name, client in publishers.items():  # every PUB sent before any reply is read
         for seq in range(per_publisher):
             client.send(f"PUB news {name}:{seq}".encode())
@@ -272,6 +262,23 @@ def test_every_subscriber_on_every_node_gets_every_message_once_in_order(cli, re
             assert [m.split(":")[1] for m in received if m.split(":")[0] == name] == \
                 [*map(str, range(per_publisher)), "last"], (name, received)
         assert len(received) == expected + len(publishers)
+
+
+def bus_clients(redis):
+    """How many connections other than ours the Redis server holds."""
+    return int(redis.info("clients")["connected_clients"]) - 1
+
+
+def test_every_subscriber_on_every_node_gets_every_message_once_in_order(cli, redis_server):
+    redis = redis_server()
+    url = redis.url()
+    nodes = [Node(cli, url), Node(cli, url, "--workers", "2"), Node(cli, url, "--engine", "fork")]
+    # One bus per node: two connections each, whatever its workers and children.
+    assert bus_clients(redis) == 2 * len(nodes)
+    subscribers = [node.subscriber() for node in nodes for _ in range(3)]
+    per_publisher = 20
+    publishers = {f"{i}.{j}": node.client() for i, node in enumerate(nodes) for j in range(2)}
+    check_every_message_once_in_order(publishers, subscribers, per_publisher)
     assert bus_clients(redis) == 2 * len(nodes)  # the fork engine's children hold none
     for client in [*subscribers, *publishers.values()]:
         client.close()

@@ -24,6 +24,7 @@ from .conftest import HAPROXY, ROOT, free_port, listening, run_cli, stop_process
 from .test_access import client_from
 from .test_bus import (
     Node,
+    check_every_message_once_in_order,
     messages,
     notify_path,  # noqa: F401  (a fixture)
     wait_status,
@@ -72,23 +73,7 @@ def test_subscribers_on_both_nodes_get_every_message_from_both_once_in_order(clu
     subscribers = [cluster.subscriber(node) for node in (0, 1, 0, 1, None, None)]
     per_publisher = 25
     publishers = {f"{node}.{i}": cluster.client(node) for node in (0, 1) for i in range(2)}
-    for name, client in publishers.items():  # every PUB sent before any reply is read
-        for seq in range(per_publisher):
-            client.send(f"PUB news {name}:{seq}".encode())
-    for client in publishers.values():
-        assert all(client.reply() == b"+OK" for _ in range(per_publisher))
-    expected = len(publishers) * per_publisher
-    got = [messages(subscriber, expected) for subscriber in subscribers]
-    # A last message from each publisher: a copy of an earlier one, if any, would come
-    # before it (the order per publisher holds on every path).
-    for name, client in publishers.items():
-        assert client.command(f"PUB news {name}:last".encode()) == b"+OK"
-    for subscriber, received in zip(subscribers, got, strict=True):
-        received += messages(subscriber, len(publishers))
-        for name in publishers:
-            assert [m.split(":")[1] for m in received if m.split(":")[0] == name] == \
-                [*map(str, range(per_publisher)), "last"], (name, received)
-        assert len(received) == expected + len(publishers)
+    check_every_message_once_in_order(publishers, subscribers, per_publisher)
     for client in [*subscribers, *publishers.values()]:
         client.close()
     for node in cluster.nodes:  # the bus stayed up all along
