@@ -372,6 +372,13 @@ class ServerMixin:
         except BlockingIOError:
             pass
 
+    @property
+    def wakeup_fd(self) -> int:
+        """The write end of the serve loop's wakeup pipe (non-blocking): a byte written
+        there wakes the loop. For ``signal.set_wakeup_fd``: a signal taken by another
+        thread then still wakes a loop waiting in ``poll``."""
+        return self._wake_w
+
     def request_shutdown(self) -> None:
         """Ask ``serve_forever`` to return soon; returns at once, safe in a signal handler."""
         self._stop_requested = True

@@ -135,6 +135,7 @@ class ForkEngine(ServerMixin):
     def _become_child(self, input_sock: socket.socket | None) -> None:
         """In a new child: drop the parent's descriptors, make SIGTERM end the input."""
         self._selector.close()
+        signal.set_wakeup_fd(-1)  # it named the parent's wakeup pipe, closed here
         for fd in (self._wake_r, self._wake_w, *self._children.values()):
             os.close(fd)
         self._children = {}
