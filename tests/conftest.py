@@ -176,6 +176,17 @@ def recv_until_eof(sock):
     return b"".join(chunks)
 
 
+def read_line(sock):
+    """One line (ending in ``\n``) from a blocking socket, read a byte at a time so
+    nothing after it is consumed; fails if the peer closes first."""
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = sock.recv(1)
+        assert chunk, f"closed after {line!r}"
+        line += chunk
+    return line
+
+
 def udp_client(timeout=5.0, family=socket.AF_INET):
     sock = socket.socket(family, socket.SOCK_DGRAM)
     sock.settimeout(timeout)

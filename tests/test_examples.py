@@ -17,21 +17,13 @@ from .conftest import (
     ROOT,
     CLIServer,
     connect,
+    read_line,
     recv_exactly,
     recv_until_eof,
     udp_client,
 )
 
 EXAMPLES = ROOT / "examples"
-
-
-def readline(sock):
-    line = b""
-    while not line.endswith(b"\n"):
-        chunk = sock.recv(1)
-        assert chunk, f"closed after {line!r}"
-        line += chunk
-    return line
 
 
 # -- upper.py: a LineHandler ------------------------------------------------------------------
@@ -80,9 +72,9 @@ def test_upper_over_udp_and_as_a_script(tmp_path):
 
 def join(port, nick):
     sock = connect(port)
-    assert readline(sock) == b"+OK welcome, send your nick\n"
+    assert read_line(sock) == b"+OK welcome, send your nick\n"
     sock.sendall(nick + b"\n")
-    assert readline(sock) == b"MSG room * " + nick + b" joined\n"
+    assert read_line(sock) == b"MSG room * " + nick + b" joined\n"
     return sock
 
 
@@ -93,19 +85,19 @@ def test_chat_room_on_every_engine(cli, engine):
     port = server.wait_serving()
     alice = join(port, b"alice")
     bob = join(port, b"bob")
-    assert readline(alice) == b"MSG room * bob joined\n"
+    assert read_line(alice) == b"MSG room * bob joined\n"
     with connect(port) as nobody:  # a bad nick is refused, the connection stays
-        readline(nobody)
+        read_line(nobody)
         nobody.sendall(b"not a nick\n")
-        assert readline(nobody) == b"-ERR a nick is 1-32 letters, digits, _ or -\n"
+        assert read_line(nobody) == b"-ERR a nick is 1-32 letters, digits, _ or -\n"
     alice.sendall(b"hello\n\nhow are you?\n")  # an empty line says nothing
     for member in (alice, bob):
-        assert readline(member) == b"MSG room alice: hello\n"
-        assert readline(member) == b"MSG room alice: how are you?\n"
+        assert read_line(member) == b"MSG room alice: hello\n"
+        assert read_line(member) == b"MSG room alice: how are you?\n"
     bob.sendall(b"fine\n")
-    assert readline(alice) == b"MSG room bob: fine\n"
+    assert read_line(alice) == b"MSG room bob: fine\n"
     bob.close()
-    assert readline(alice) == b"MSG room * bob left\n"
+    assert read_line(alice) == b"MSG room * bob left\n"
     alice.close()
 
 
@@ -168,10 +160,10 @@ def test_legacy_handler_runs_unchanged_with_config_and_graceful_shutdown(script)
     port = int(line.rsplit(":", 1)[1])
     with connect(port) as a, connect(port) as b:
         a.sendall(b"SET colour blue\n")
-        assert readline(a) == b"OK\n"
+        assert read_line(a) == b"OK\n"
         b.sendall(b"GET colour\nHELLO\n")
-        assert readline(b) == b"blue\n"
-        assert readline(b) == b"ERR unknown command\n"
+        assert read_line(b) == b"blue\n"
+        assert read_line(b) == b"ERR unknown command\n"
         server.signal(signal.SIGTERM)  # both clients connected: they see EOF, not a reset
         assert recv_until_eof(a) == b"" and recv_until_eof(b) == b""
     assert server.wait() == 0
@@ -190,5 +182,5 @@ def test_legacy_handler_also_runs_under_sockserv_serve(cli):
                  cwd=str(EXAMPLES))
     with connect(server.wait_serving()) as sock:
         sock.sendall(b"SET k v\nGET k\n")
-        assert readline(sock) == b"OK\n"
-        assert readline(sock) == b"v\n"
+        assert read_line(sock) == b"OK\n"
+        assert read_line(sock) == b"v\n"

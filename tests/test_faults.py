@@ -42,6 +42,7 @@ from .conftest import (
     children_of,
     connect,
     hangup,
+    read_line,
     recv_exactly,
     recv_until_eof,
     udp_client,
@@ -132,15 +133,6 @@ def fill_until_the_server_stops_reading(sock):
             except BlockingIOError:
                 pass
     return sent
-
-
-def read_line(sock):
-    line = b""
-    while not line.endswith(b"\n"):
-        chunk = sock.recv(1)
-        assert chunk, f"closed after {line!r}"
-        line += chunk
-    return line
 
 
 FLUSHER_FDS = 3  # a process's one flusher thread (blocking.Flusher): an epoll and a pipe

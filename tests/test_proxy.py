@@ -36,6 +36,7 @@ from .conftest import (
     run_cli,
     wait_for,
 )
+from .conftest import read_line as conftest_read_line
 from .test_access import client_from, refused, refused_from
 
 pki = test_tls.pki  # the throwaway certificates (a session fixture)
@@ -276,13 +277,8 @@ def proxy_serve(serve, engine, handler=Who, **settings):
 
 
 def read_line(sock):
-    line = b""
-    while not line.endswith(b"\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            raise AssertionError(f"closed after {line!r}")
-        line += chunk
-    return line.decode().rstrip("\n")
+    """The next line, as text without its newline."""
+    return conftest_read_line(sock).decode().rstrip("\n")
 
 
 def through(port, header, source="127.0.0.1"):
