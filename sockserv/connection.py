@@ -98,9 +98,10 @@ class Connection:
         except Exception:
             log.exception("handler %s.connection_lost failed for %s",
                           type(self.handler).__name__, format_address(self.peer))
-        stats = getattr(self.server, "stats", None)
+        server = self.server
+        stats = getattr(server, "stats", None)
         if stats is not None:
             stats.add_traffic(self.bytes_in, self.bytes_out)
-        if getattr(self.server.config, "access_log", False):
+        if getattr(server.config, "access_log", False):
             access_log.info("%s in=%d out=%d duration=%.3fs", format_address(self.peer),
                             self.bytes_in, self.bytes_out, time.monotonic() - self.started)

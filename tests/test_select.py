@@ -6,6 +6,9 @@ from __future__ import annotations
 import os
 import selectors
 import signal
+import socket
+
+from sockserv import Handler
 
 from .conftest import connect, recv_exactly, recv_until_eof
 
@@ -85,3 +88,26 @@ def test_max_connections_keeps_the_rest_in_the_backlog(cli):
     served[0].close()
     waiting.settimeout(10)
     assert recv_exactly(waiting, 1) == b"b"
+
+
+def test_a_connection_kept_open_after_end_of_input_is_no_longer_polled(serve):
+    class RepliesLater(Handler):
+        turn_at_eof = None
+
+        def eof_received(self):  # keep the connection: answer 0.2 s later, then close
+            server = self.conn.server
+            if self.turn_at_eof is None:
+                self.turn_at_eof = server.turn
+                server.timers.call_at(server.now + 0.2, self.reply)
+
+        def reply(self):
+            self.conn.write(b"turns %d\n" % (self.conn.server.turn - self.turn_at_eof))
+            self.conn.close()
+
+    server = serve("select", RepliesLater)
+    with connect(server.server_address[1]) as sock:
+        sock.shutdown(socket.SHUT_WR)
+        reply = recv_until_eof(sock)
+    # An end of input still polled for reading would wake the loop on every turn.
+    assert reply.startswith(b"turns ")
+    assert int(reply.split()[1]) < 20, reply
