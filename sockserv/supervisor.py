@@ -388,6 +388,9 @@ class Supervisor:
             stop = lambda signum, frame: server.request_shutdown()  # noqa: E731
             signal.signal(signal.SIGTERM, stop)
             signal.signal(signal.SIGINT, stop)
+            # As in a single-process server (cli.run): a stop signal the kernel hands to
+            # another thread (a connection's, the flusher's) must still wake the loop.
+            signal.set_wakeup_fd(server.wakeup_fd, warn_on_full_buffer=False)
             if stop_requested:  # asked to stop while starting
                 server.request_shutdown()
             os.write(ready_w, b"%d\n" % os.getpid())

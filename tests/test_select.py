@@ -7,10 +7,11 @@ import os
 import selectors
 import signal
 import socket
+import threading
 
 from sockserv import Handler
 
-from .conftest import connect, recv_exactly, recv_until_eof
+from .conftest import connect, recv_exactly, recv_until_eof, wait_for
 
 
 def rss_kib(pid):
@@ -111,3 +112,41 @@ def test_a_connection_kept_open_after_end_of_input_is_no_longer_polled(serve):
     # An end of input still polled for reading would wake the loop on every turn.
     assert reply.startswith(b"turns ")
     assert int(reply.split()[1]) < 20, reply
+
+
+def test_a_connection_closed_while_a_forked_process_holds_it_does_not_wake_the_loop(serve):
+    class AbortsOnInput(Handler):
+        def data_received(self, data):
+            self.conn.abort()
+
+    counted = threading.Event()
+    turns = []
+
+    def count(start):
+        turns.append(server.turn - start)
+        counted.set()
+
+    server = serve("select", AbortsOnInput)
+    ready_r, ready_w = os.pipe()
+    release_r, release_w = os.pipe()
+    with connect(server.server_address[1]) as sock:
+        wait_for(lambda: server.live_count() == 1, what="the connection")
+        child = os.fork()  # holds a copy of every descriptor, the connection's too
+        if child == 0:
+            os.write(ready_w, b"x")
+            os.read(release_r, 1)
+            os._exit(0)
+        try:
+            assert os.read(ready_r, 1) == b"x"
+            sock.sendall(b"close")
+            wait_for(lambda: server.live_count() == 0, what="the server to close it")
+            sock.sendall(b"more")  # the file, still open in the child, is now readable
+            server.call_soon_threadsafe(lambda: server.timers.call_at(
+                server.now + 0.2, lambda start=server.turn: count(start)))
+            assert counted.wait(10)
+        finally:
+            os.write(release_w, b"x")
+            os.waitpid(child, 0)
+            for fd in (ready_r, ready_w, release_r, release_w):
+                os.close(fd)
+    assert turns[0] < 20, f"the loop turned {turns[0]} times in 0.2 s"

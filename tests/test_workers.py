@@ -12,6 +12,7 @@ from .conftest import (
     connect,
     many_tcp_clients,
     many_udp_clients,
+    read_line,
     recv_exactly,
     recv_until_eof,
     run_cli,
@@ -19,8 +20,8 @@ from .conftest import (
 )
 
 
-def start_workers(cli, *args):
-    server = cli("echo", "--port", "0", *args)
+def start_workers(cli, *args, service=("echo",)):
+    server = cli(*service, "--port", "0", *args)
     line = server.wait_line(r"supervisor \d+: \d+ \w+ worker\(s\) on ")
     port = int(line.rsplit(":", 1)[1])
     server.wait_line(r"supervisor \d+: \d+ worker\(s\) serving")
@@ -149,3 +150,16 @@ def test_port_in_use_with_workers_exits_1():
         result = run_cli("echo", "--workers", "2", "--port", str(port))
     assert result.returncode == 1
     assert "cannot bind tcp 127.0.0.1" in result.stderr
+
+
+def test_a_stop_signal_taken_by_a_connection_thread_still_stops_the_worker(cli):
+    server, port = start_workers(cli, "--engine", "thread", "--workers", "2",
+                                 service=("serve", "tests.fault_handlers:StopsFromItsThread"))
+    with connect(port) as sock:
+        sock.sendall(b"stop\n")
+        pid = int(read_line(sock))
+        # the worker stops as asked (its serve loop woke up): end of input, then exit 0
+        assert recv_until_eof(sock) == b""
+    server.wait_line(rf"worker {pid} exited with status 0; starting another")
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0

@@ -66,15 +66,6 @@ class Poller:
         else:  # pragma: no cover
             self._selector.unregister(fd)
 
-    def discard(self, fd: int) -> None:
-        """Forget ``fd`` without telling epoll: for a descriptor about to be closed,
-        which leaves epoll by itself (one system call less per connection). Should the
-        file outlive the descriptor (a fork between the two), its stray events name
-        an fd no longer here, or a new connection that then reads nothing: both harmless."""
-        del self.objects[fd]
-        if self._selector is not None:  # pragma: no cover
-            self._selector.unregister(fd)
-
     def __contains__(self, fd: int) -> bool:
         return fd in self.objects
 

@@ -230,7 +230,7 @@ class SelectorConnection(Connection):
             self.handler.eof_received()
         except Exception:
             self.dispatch_failed("eof_received")
-        if not self.closed:  # (a closed socket leaves the poller by itself)
+        if not self.closed:  # (closing has taken it out of the poller already)
             self._set_events(self._events & ~READ)
 
     def on_writable(self) -> None:
@@ -303,7 +303,7 @@ class SelectorConnection(Connection):
             self._close_timer.cancel()
         self._out = None
         self._pending = 0
-        self.loop.forget(self, closing=True)
+        self.loop.forget(self)
         self.sock.close()
         self.finished(exc)
 
@@ -451,14 +451,13 @@ class SelectorEngine(ServerMixin):
         elif conn.fd in poller:
             poller.unregister(conn.fd)
 
-    def forget(self, conn: Any, closing: bool = False) -> None:
-        """A connection is closed: take it out of the loop and free its slot.
-        ``closing``: the caller closes its socket next, which takes it out of epoll."""
+    def forget(self, conn: Any) -> None:
+        """A connection is closed: take it out of the loop and free its slot."""
+        # Unregistered although closing the socket would do it too: a process forked
+        # meanwhile (multiprocessing) may hold the file, whose events would then go
+        # on waking the loop.
         if getattr(conn, "fd", None) is not None and conn.fd in self._poller:
-            if closing:
-                self._poller.discard(conn.fd)
-            else:
-                self._poller.unregister(conn.fd)
+            self._poller.unregister(conn.fd)
         if conn is not None:
             self.release_peer(conn.sock)  # the per-address count of verify_request
         self._conns -= 1
