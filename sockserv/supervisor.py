@@ -34,6 +34,7 @@ from typing import Any
 
 from .config import Config
 from .engines import ENGINES
+from .engines.blocking import SERVER_SIGNALS
 from .engines.listeners import UnixPath, bind_listener
 from .push import Hub, Ticker
 from .relay import Relay
@@ -43,7 +44,6 @@ __all__ = ["Supervisor"]
 
 log = logging.getLogger("sockserv")
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 FAST_EXIT = 1.0  # a worker dying this soon after its start counts towards a crash loop
 MAX_RESTART_DELAY = 10.0
 
@@ -161,7 +161,7 @@ class Supervisor:
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the exit status (0)."""
-        previous = {signum: signal.signal(signum, self._on_signal) for signum in SIGNALS}
+        previous = {signum: signal.signal(signum, self._on_signal) for signum in SERVER_SIGNALS}
         old_wakeup = signal.set_wakeup_fd(self._wake_w)
         log.info("supervisor %d: %d %s worker(s) on %s", os.getpid(), self.target,
                  self.config.engine, self.describe())
@@ -358,7 +358,7 @@ class Supervisor:
         stop_requested: list[int] = []
         try:
             signal.set_wakeup_fd(-1)
-            for signum in SIGNALS:
+            for signum in SERVER_SIGNALS:
                 if signum in (signal.SIGTERM, signal.SIGINT):
                     # Not SIG_IGN, even for a moment: that would discard a pending stop.
                     signal.signal(signum, lambda signum, frame: stop_requested.append(signum))

@@ -12,6 +12,7 @@ import collections
 import logging
 import os
 import selectors
+import signal
 import socket
 import struct
 import threading
@@ -27,6 +28,8 @@ __all__ = ["Flusher", "StreamConnection", "serve_stream"]
 log = logging.getLogger("sockserv")
 RECV_SIZE = 65536
 _DONTWAIT = socket.MSG_DONTWAIT
+#: the signals sockserv's servers and supervisor act on
+SERVER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 
 
 class Flusher:
@@ -72,6 +75,10 @@ class Flusher:
         done.wait()
 
     def _run(self) -> None:
+        # The kernel hands a process signal to any thread that does not block it; Python
+        # acts on it in the main thread only. Left to this one, a SIGTERM would not
+        # interrupt a fork child's reader, blocked in recv, until the client spoke.
+        signal.pthread_sigmask(signal.SIG_BLOCK, SERVER_SIGNALS)
         selector = self._selector
         while True:
             for key, _ in selector.select():
