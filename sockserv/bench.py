@@ -388,7 +388,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="client processes; connections are split between them (default 1)")
     parser.add_argument("--source-addrs", type=_count, default=0, metavar="N",
                         help="bind client sockets to 127.0.0.2 .. 127.0.0.(N+1) in turn "
-                             "(more than ~28,000 connections to one port); default 0: no bind")
+                             "(more than ~28,000 connections to one port; connrate past "
+                             "~14,000 cycles/s, when the ports in TIME_WAIT run short); "
+                             "default 0: no bind")
     parser.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
                         help="a reply (connrate: a whole cycle) slower than this is a timeout "
                              "(default 10; udp: a datagram unanswered for 0.5 s is lost)")

@@ -68,6 +68,7 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from .background import start_thread
 from .log import RateLimitedLog
 from .resp import Parser, ProtocolError, ReplyError, encode_command
 
@@ -246,9 +247,7 @@ class RedisBus:
         self._started = True
         for target, name in ((self._run_session, "sockserv-bus"),
                              (self._run_publisher, "sockserv-bus-publish")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            self._threads.append(thread)
-            thread.start()
+            self._threads.append(start_thread(target, name))
 
     def publish(self, frames: bytes) -> None:
         """Queue whole ``MSG`` lines for the other nodes. Never blocks on Redis; safe

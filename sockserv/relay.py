@@ -66,6 +66,7 @@ import socket
 import threading
 from typing import Any
 
+from .background import start_thread
 from .engines.blocking import StreamConnection
 from .handlers import Handler
 from .push import Hub
@@ -331,9 +332,7 @@ class Uplink:
 
     def start(self) -> threading.Thread:
         """Read the parent's messages in a daemon thread until the parent goes away."""
-        thread = threading.Thread(target=self._run, name="sockserv-uplink", daemon=True)
-        thread.start()
-        return thread
+        return start_thread(self._run, "sockserv-uplink")
 
     def _run(self) -> None:
         while True:

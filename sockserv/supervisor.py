@@ -32,9 +32,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from .background import SERVER_SIGNALS
 from .config import Config
 from .engines import ENGINES
-from .engines.blocking import SERVER_SIGNALS
 from .engines.listeners import UnixPath, bind_listener
 from .push import Hub, Ticker
 from .relay import Relay
@@ -396,6 +396,7 @@ class Supervisor:
             os.write(ready_w, b"%d\n" % os.getpid())
             os.close(ready_w)
             server.serve_forever()
+            signal.set_wakeup_fd(-1)  # before server_close closes that pipe
             server.server_close()
             if self.relay is not None:
                 self.relay.child_exit()

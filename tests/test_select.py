@@ -133,9 +133,11 @@ def test_a_connection_closed_while_a_forked_process_holds_it_does_not_wake_the_l
         wait_for(lambda: server.live_count() == 1, what="the connection")
         child = os.fork()  # holds a copy of every descriptor, the connection's too
         if child == 0:
-            os.write(ready_w, b"x")
-            os.read(release_r, 1)
-            os._exit(0)
+            try:
+                os.write(ready_w, b"x")
+                os.read(release_r, 1)
+            finally:
+                os._exit(0)
         try:
             assert os.read(ready_r, 1) == b"x"
             sock.sendall(b"close")

@@ -12,7 +12,6 @@ import collections
 import logging
 import os
 import selectors
-import signal
 import socket
 import struct
 import threading
@@ -20,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..background import start_thread
 from ..connection import Connection, format_address
 from ..handlers import EchoHandler
 
@@ -28,8 +28,6 @@ __all__ = ["Flusher", "StreamConnection", "serve_stream"]
 log = logging.getLogger("sockserv")
 RECV_SIZE = 65536
 _DONTWAIT = socket.MSG_DONTWAIT
-#: the signals sockserv's servers and supervisor act on
-SERVER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 
 
 class Flusher:
@@ -60,7 +58,7 @@ class Flusher:
         self._selector.register(self._wake_r, selectors.EVENT_READ)
         self._commands: collections.deque[tuple[str, StreamConnection, threading.Event | None]]
         self._commands = collections.deque()
-        threading.Thread(target=self._run, name="sockserv-flusher", daemon=True).start()
+        start_thread(self._run, "sockserv-flusher")
 
     def watch(self, conn: StreamConnection) -> None:
         """Send ``conn``'s pending output when its socket turns writable."""
@@ -75,10 +73,6 @@ class Flusher:
         done.wait()
 
     def _run(self) -> None:
-        # The kernel hands a process signal to any thread that does not block it; Python
-        # acts on it in the main thread only. Left to this one, a SIGTERM would not
-        # interrupt a fork child's reader, blocked in recv, until the client spoke.
-        signal.pthread_sigmask(signal.SIG_BLOCK, SERVER_SIGNALS)
         selector = self._selector
         while True:
             for key, _ in selector.select():
