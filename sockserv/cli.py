@@ -201,16 +201,13 @@ def run(config: Config, handler_class: type) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP,
                   lambda signum, frame: server.call_soon_threadsafe(_reload, server, service))
-    # A signal the kernel hands to another thread (a handler's, the flusher's) would
-    # leave the loop asleep in poll: have it write to the loop's wakeup pipe too.
-    previous_wakeup = signal.set_wakeup_fd(server.wakeup_fd, warn_on_full_buffer=False)
     log.info("serving %s on %s (engine %s, pid %d)", config.service, server.describe(),
              config.engine, os.getpid())
     service.start()  # READY=1 on the serve loop's first turn
     try:
-        server.serve_forever()
+        with server.signals_wake_loop():  # a signal taken by a handler's thread too
+            server.serve_forever()
     finally:
-        signal.set_wakeup_fd(previous_wakeup)
         service.stopping()
         log.info("stopping: closing %d connection(s)", server.live_count())
         server.server_close()

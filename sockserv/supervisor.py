@@ -388,15 +388,12 @@ class Supervisor:
             stop = lambda signum, frame: server.request_shutdown()  # noqa: E731
             signal.signal(signal.SIGTERM, stop)
             signal.signal(signal.SIGINT, stop)
-            # As in a single-process server (cli.run): a stop signal the kernel hands to
-            # another thread (a connection's, the flusher's) must still wake the loop.
-            signal.set_wakeup_fd(server.wakeup_fd, warn_on_full_buffer=False)
             if stop_requested:  # asked to stop while starting
                 server.request_shutdown()
             os.write(ready_w, b"%d\n" % os.getpid())
             os.close(ready_w)
-            server.serve_forever()
-            signal.set_wakeup_fd(-1)  # before server_close closes that pipe
+            with server.signals_wake_loop():  # a signal taken by a connection's thread too
+                server.serve_forever()
             server.server_close()
             if self.relay is not None:
                 self.relay.child_exit()

@@ -13,6 +13,8 @@ import pytest
 
 import sockserv
 from sockserv import EchoHandler, Handler, LineHandler
+from sockserv.background import SERVER_SIGNALS
+from sockserv.engines.blocking import Flusher
 
 from .conftest import (
     ENGINE_NAMES,
@@ -469,9 +471,6 @@ def test_helper_threads_leave_the_server_signals_to_the_threads_that_act_on_them
     """The kernel gives a process signal to any thread not blocking it: were it the
     flusher (or the relay's or the bus's thread), a fork child's reader, blocked in
     recv, would not see its SIGTERM."""
-    from sockserv.background import SERVER_SIGNALS
-    from sockserv.engines.blocking import Flusher
-
     def blocked(thread):
         with open(f"/proc/self/task/{thread.native_id}/status") as status:
             for line in status:

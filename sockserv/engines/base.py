@@ -8,16 +8,18 @@ handler.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import selectors
+import signal
 import socket
 import socketserver
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..access import AccessRules, peer_key
@@ -372,12 +374,16 @@ class ServerMixin:
         except BlockingIOError:
             pass
 
-    @property
-    def wakeup_fd(self) -> int:
-        """The write end of the serve loop's wakeup pipe (non-blocking): a byte written
-        there wakes the loop. For ``signal.set_wakeup_fd``: a signal taken by another
-        thread then still wakes a loop waiting in ``poll``."""
-        return self._wake_w
+    @contextlib.contextmanager
+    def signals_wake_loop(self) -> Iterator[None]:
+        """While it lasts, every signal also writes to the serve loop's wakeup pipe
+        (``signal.set_wakeup_fd``; main thread only), so a signal the kernel hands to
+        another thread still wakes a loop asleep in ``poll`` to run its handler."""
+        previous = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        try:
+            yield
+        finally:
+            signal.set_wakeup_fd(previous)
 
     def request_shutdown(self) -> None:
         """Ask ``serve_forever`` to return soon; returns at once, safe in a signal handler."""
