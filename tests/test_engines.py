@@ -369,6 +369,24 @@ def test_a_client_that_does_not_read_is_paused_then_gets_everything(serve, engin
         assert recv_exactly(sock, len(sent)) == bytes(sent)
 
 
+@pytest.mark.parametrize("engine", ["select", "thread"])  # fork: each child counts its own
+def test_traffic_counts_every_echoed_byte_also_when_output_backs_up(serve, engine):
+    server = serve(engine, EchoHandler, max_buffer=64 * 1024)
+    payload = os.urandom(4 << 20)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # partial sends, a queue
+    sock.settimeout(10)
+    with sock:
+        sock.connect(server.server_address)
+        sender = threading.Thread(target=lambda: (sock.sendall(payload),
+                                                  sock.shutdown(socket.SHUT_WR)))
+        sender.start()
+        assert recv_until_eof(sock) == payload
+        sender.join(10)
+    wait_for(lambda: server.stats.snapshot()["bytes_out"] == len(payload), what="the count")
+    assert server.stats.snapshot()["bytes_in"] == len(payload)
+
+
 def test_threads_are_released_when_connections_finish(serve):
     server = serve("thread", EchoHandler)
     before = threading.active_count()

@@ -152,25 +152,6 @@ class StreamConnection(Connection):
             self._watched = True
             Flusher.get().watch(self)
 
-    def echo(self, data: bytes) -> None:
-        """:class:`~sockserv.EchoHandler`'s ``data_received`` on the reader thread: the
-        reader is then the connection's only writer, so while nothing is pending
-        (the flusher idle) the bytes go out without taking the lock."""
-        if self._pending or self._broken:
-            self._send(data)
-            return
-        try:
-            sent = self.sock.send(data, _DONTWAIT)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            with self._lock:
-                self._break()
-            return
-        self.bytes_out += sent
-        if sent != len(data):
-            self._send(memoryview(data)[sent:])
-
     def receiver(self) -> Callable[[int], bytes]:
         """The reader's receive call, taking the most bytes wanted: :meth:`receive`, or
         the socket's own ``recv`` when a subclass (TLS) does not override it -- the
@@ -318,36 +299,60 @@ def _read_loop(conn: StreamConnection, config: Any) -> BaseException | None:
     high, low = config.max_buffer, config.max_buffer // 2
     stall = config.idle_timeout or None
     data_received = conn.handler.data_received
+    send = None
     if type(conn.handler) is EchoHandler:
-        # Echo: what comes in goes out, with one Python call per message instead of
-        # three (the loop has just checked that the connection is open, as write()
-        # would). Only the plain class: a subclass may write from other threads too.
-        data_received = conn.echo if type(conn) is StreamConnection else conn.write
+        # Echo: what comes in goes out. On a plain connection this loop sends it
+        # itself while nothing is pending: the reader is then the only writer (the
+        # flusher is idle and the handler writes from no other thread), so the bytes
+        # go out without the lock or a Python call. Pending output: write() queues.
+        data_received = conn.write
+        if type(conn) is StreamConnection:
+            send = conn.sock.send
     receive = conn.receiver()
-    while not conn.closing:
-        if conn._pending > high and not conn.wait_output_below(low, stall):
-            log.info("closing %s: it has not read its output for %ss", format_address(conn.peer),
-                     stall)
-            conn.abort()
-            return None
-        try:
-            data = receive(RECV_SIZE)
-        except BlockingIOError:  # SO_RCVTIMEO expired
-            log.debug("closing %s: idle for %ss", format_address(conn.peer), config.idle_timeout)
-            conn.close()
-            return None
-        except OSError as exc:
-            conn.abort()
-            return exc
-        if conn.closing:
-            return None
-        if not data:
-            if conn.dispatch("eof_received"):
-                conn.wait_closing()
-            return None
-        conn.bytes_in += len(data)
-        try:
-            data_received(data)
-        except Exception:
-            conn.dispatch_failed("data_received")
+    received = echoed = 0  # counted here, added to the connection's counts at the end
+    try:
+        while not conn.closing:
+            if conn._pending > high and not conn.wait_output_below(low, stall):
+                log.info("closing %s: it has not read its output for %ss",
+                         format_address(conn.peer), stall)
+                conn.abort()
+                return None
+            try:
+                data = receive(RECV_SIZE)
+            except BlockingIOError:  # SO_RCVTIMEO expired
+                log.debug("closing %s: idle for %ss", format_address(conn.peer),
+                          config.idle_timeout)
+                conn.close()
+                return None
+            except OSError as exc:
+                conn.abort()
+                return exc
+            if conn.closing:
+                return None
+            if not data:
+                if conn.dispatch("eof_received"):
+                    conn.wait_closing()
+                return None
+            received += len(data)
+            if send is not None and not conn._pending:
+                try:
+                    sent = send(data, _DONTWAIT)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:  # the peer is gone: the next receive tells how
+                    with conn._lock:
+                        conn._break()
+                    continue
+                echoed += sent
+                if sent == len(data):
+                    continue
+                data = memoryview(data)[sent:]
+            try:
+                data_received(data)
+            except Exception:
+                conn.dispatch_failed("data_received")
+    finally:
+        conn.bytes_in += received
+        with conn._lock:  # the flusher may be counting too
+            conn.bytes_out += echoed
     return None
