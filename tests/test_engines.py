@@ -372,9 +372,12 @@ def test_a_client_that_does_not_read_is_paused_then_gets_everything(serve, engin
 @pytest.mark.parametrize("engine", ["select", "thread"])  # fork: each child counts its own
 def test_traffic_counts_every_echoed_byte_also_when_output_backs_up(serve, engine):
     server = serve(engine, EchoHandler, max_buffer=64 * 1024)
+    # Small buffers at both ends (accepted sockets inherit the listener's): the
+    # server's sends come up short and the rest waits in its queue.
+    server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     payload = os.urandom(4 << 20)
     sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # partial sends, a queue
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.settimeout(10)
     with sock:
         sock.connect(server.server_address)
@@ -383,6 +386,7 @@ def test_traffic_counts_every_echoed_byte_also_when_output_backs_up(serve, engin
         sender.start()
         assert recv_until_eof(sock) == payload
         sender.join(10)
+        assert not sender.is_alive()
     wait_for(lambda: server.stats.snapshot()["bytes_out"] == len(payload), what="the count")
     assert server.stats.snapshot()["bytes_in"] == len(payload)
 

@@ -123,7 +123,7 @@ class StreamConnection(Connection):
     def _send(self, data: bytes) -> None:
         """Send ``data`` (bytes for the wire) now, or leave the rest to the flusher."""
         lock = self._lock
-        lock.acquire()  # not ``with``: this is the echo hot path
+        lock.acquire()  # not ``with``: this is the write hot path
         try:
             if self._pending or self._broken:
                 self._enqueue(data)
@@ -309,7 +309,7 @@ def _read_loop(conn: StreamConnection, config: Any) -> BaseException | None:
         if type(conn) is StreamConnection:
             send = conn.sock.send
     receive = conn.receiver()
-    received = echoed = 0  # counted here, added to the connection's counts at the end
+    echoed = 0  # what the loop sent itself, added to bytes_out at the end
     try:
         while not conn.closing:
             if conn._pending > high and not conn.wait_output_below(low, stall):
@@ -333,8 +333,8 @@ def _read_loop(conn: StreamConnection, config: Any) -> BaseException | None:
                 if conn.dispatch("eof_received"):
                     conn.wait_closing()
                 return None
-            received += len(data)
-            if send is not None and not conn._pending:
+            conn.bytes_in += len(data)
+            if send is not None and not conn._pending and not conn._broken:
                 try:
                     sent = send(data, _DONTWAIT)
                 except BlockingIOError:
@@ -352,7 +352,6 @@ def _read_loop(conn: StreamConnection, config: Any) -> BaseException | None:
             except Exception:
                 conn.dispatch_failed("data_received")
     finally:
-        conn.bytes_in += received
         with conn._lock:  # the flusher may be counting too
             conn.bytes_out += echoed
     return None
