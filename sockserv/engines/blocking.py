@@ -309,49 +309,43 @@ def _read_loop(conn: StreamConnection, config: Any) -> BaseException | None:
         if type(conn) is StreamConnection:
             send = conn.sock.send
     receive = conn.receiver()
-    echoed = 0  # what the loop sent itself, added to bytes_out at the end
-    try:
-        while not conn.closing:
-            if conn._pending > high and not conn.wait_output_below(low, stall):
-                log.info("closing %s: it has not read its output for %ss",
-                         format_address(conn.peer), stall)
-                conn.abort()
-                return None
+    while not conn.closing:
+        if conn._pending > high and not conn.wait_output_below(low, stall):
+            log.info("closing %s: it has not read its output for %ss", format_address(conn.peer),
+                     stall)
+            conn.abort()
+            return None
+        try:
+            data = receive(RECV_SIZE)
+        except BlockingIOError:  # SO_RCVTIMEO expired
+            log.debug("closing %s: idle for %ss", format_address(conn.peer), config.idle_timeout)
+            conn.close()
+            return None
+        except OSError as exc:
+            conn.abort()
+            return exc
+        if conn.closing:
+            return None
+        if not data:
+            if conn.dispatch("eof_received"):
+                conn.wait_closing()
+            return None
+        conn.bytes_in += len(data)
+        if send is not None and not conn._pending and not conn._broken:
             try:
-                data = receive(RECV_SIZE)
-            except BlockingIOError:  # SO_RCVTIMEO expired
-                log.debug("closing %s: idle for %ss", format_address(conn.peer),
-                          config.idle_timeout)
-                conn.close()
-                return None
-            except OSError as exc:
-                conn.abort()
-                return exc
-            if conn.closing:
-                return None
-            if not data:
-                if conn.dispatch("eof_received"):
-                    conn.wait_closing()
-                return None
-            conn.bytes_in += len(data)
-            if send is not None and not conn._pending and not conn._broken:
-                try:
-                    sent = send(data, _DONTWAIT)
-                except BlockingIOError:
-                    sent = 0
-                except OSError:  # the peer is gone: the next receive tells how
-                    with conn._lock:
-                        conn._break()
-                    continue
-                echoed += sent
-                if sent == len(data):
-                    continue
-                data = memoryview(data)[sent:]
-            try:
-                data_received(data)
-            except Exception:
-                conn.dispatch_failed("data_received")
-    finally:
-        with conn._lock:  # the flusher may be counting too
-            conn.bytes_out += echoed
+                sent = send(data, _DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            except OSError:  # the peer is gone: the next receive tells how
+                with conn._lock:
+                    conn._break()
+                continue
+            conn.bytes_out += sent  # (the flusher counts only while output is pending)
+            if sent == len(data):
+                continue
+            data = memoryview(data)[sent:]
+        try:
+            data_received(data)
+        except Exception:
+            conn.dispatch_failed("data_received")
     return None
