@@ -23,6 +23,7 @@ from .conftest import (
     hangup,
     many_tcp_clients,
     many_udp_clients,
+    read_line,
     recv_exactly,
     recv_until_eof,
     udp_client,
@@ -400,6 +401,46 @@ def test_threads_are_released_when_connections_finish(serve):
         sock.close()
     wait_for(lambda: server.live_count() == 0, what="threads to finish")
     wait_for(lambda: threading.active_count() <= before + 1, what="threads to be gone")
+
+
+class SchedulingPolicy(Handler):
+    """Answers with the scheduling policy of the thread that serves the connection."""
+
+    def connection_made(self):
+        self.conn.write(b"%d\n" % os.sched_getscheduler(0))
+
+
+linux_scheduling = pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"),
+                                      reason="Linux scheduling policies")
+
+
+@linux_scheduling
+def test_connection_threads_run_under_batch_scheduling(serve):
+    server = serve("thread", SchedulingPolicy)
+    with connect(server.server_address[1]) as sock:
+        assert read_line(sock) == b"%d\n" % os.SCHED_BATCH
+
+
+@linux_scheduling
+def test_a_scheduling_policy_chosen_for_the_server_is_left_alone():
+    # Threads inherit their creator's policy: the connection threads start as SCHED_IDLE.
+    server = sockserv.ThreadingTCPServer(("127.0.0.1", 0), SchedulingPolicy,
+                                         config=sockserv.Config(shutdown_timeout=3.0))
+
+    def serve_idle():
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        server.serve_forever()
+
+    thread = threading.Thread(target=serve_idle, daemon=True)
+    thread.start()
+    try:
+        assert server.wait_serving(5)
+        with connect(server.server_address[1]) as sock:
+            assert read_line(sock) == b"%d\n" % os.SCHED_IDLE
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
 
 
 def test_forked_children_are_reaped_promptly(serve):
