@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..connection import Connection, format_address
+from ..handlers import EchoHandler
 from ..push import encode_message, write_each
 from ..timers import IdleWheel
 from .base import ServerMixin
@@ -71,7 +72,7 @@ class SelectorConnection(Connection):
 
     __slots__ = ("sock", "fd", "loop", "handler", "closing", "closed", "bytes_in", "bytes_out",
                  "started", "last", "_peer", "_out", "_pending", "_events", "_eof", "_close_timer",
-                 "_turn")
+                 "_turn", "_echo")
 
     def __init__(self, loop: SelectorEngine, sock: socket.socket, handler_class: type,
                  peer: Any = None) -> None:
@@ -92,6 +93,7 @@ class SelectorConnection(Connection):
         # with proxy_protocol: the client its PROXY header named)
         self._peer = peer
         self._turn = -1  # the loop turn of the last direct send
+        self._echo = False  # see SelectorEngine._start_connection
         self.handler = handler_class(self)
 
     # -- what the handler uses ----------------------------------------------------------
@@ -134,7 +136,12 @@ class SelectorConnection(Connection):
             # and send everything in one call when the turn ends.
             self._defer(data)
             return
-        self._turn = loop.turn
+        self._send_now(data, loop.turn)
+
+    def _send_now(self, data: bytes, turn: int) -> None:
+        """The first write of a turn with nothing queued: send at once what the kernel
+        takes, queue the rest."""
+        self._turn = turn
         try:
             sent = self.sock.send(data)
         except BlockingIOError:
@@ -144,12 +151,7 @@ class SelectorConnection(Connection):
             return
         self.bytes_out += sent
         if sent < len(data):
-            self._out = deque((memoryview(data)[sent:],))
-            self._pending = len(data) - sent
-            if self._pending > loop.config.max_buffer:
-                self._set_events(WRITE)
-            else:
-                self._set_events(self._events | WRITE)
+            self._hold_rest(data, sent)
 
     def gather(self, data: bytes) -> None:
         """Like :meth:`write`, but sent at the end of this turn of the loop together with
@@ -169,6 +171,14 @@ class SelectorConnection(Connection):
         self._pending += len(data)
         if self._pending > self.loop.config.max_buffer and self._events & READ:
             self._set_events(WRITE)  # stop reading until the output drains
+
+    def _hold_rest(self, data: bytes, sent: int) -> None:
+        """A direct send took only ``sent`` bytes of ``data``: queue the rest until the
+        socket is writable (and stop reading if that is over ``max_buffer``)."""
+        self._out = deque((memoryview(data)[sent:],))
+        self._pending = len(data) - sent
+        self._set_events(WRITE if self._pending > self.loop.config.max_buffer
+                         else self._events | WRITE)
 
     def _defer(self, data: bytes) -> None:
         self._out = deque((data,))
@@ -217,9 +227,13 @@ class SelectorConnection(Connection):
             if not data:
                 self._finish(None)
             return
-        self.last = self.loop.now
+        loop = self.loop
+        self.last = loop.now
         if data:
             self.bytes_in += len(data)
+            if self._echo and not self._out and self._turn != loop.turn:
+                self._send_now(data, loop.turn)
+                return
             try:
                 self.handler.data_received(data)
             except Exception:
@@ -306,6 +320,7 @@ class SelectorConnection(Connection):
         self.loop.forget(self)
         self.sock.close()
         self.finished(exc)
+
 
 
 class SelectorEngine(ServerMixin):
@@ -401,10 +416,7 @@ class SelectorEngine(ServerMixin):
                     continue
                 conn.bytes_out += sent
                 if sent < size:
-                    conn._out = deque((memoryview(data)[sent:],))
-                    conn._pending = size - sent
-                    conn._set_events(WRITE if conn._pending > self.config.max_buffer
-                                     else conn._events | WRITE)
+                    conn._hold_rest(data, sent)
             elif conn.buffered > room:
                 if slow is None:
                     slow = []
@@ -595,6 +607,9 @@ class SelectorEngine(ServerMixin):
             start_tls_connection(self, sock, handler_class, peer)
             return
         conn = SelectorConnection(self, sock, handler_class, peer)
+        # An exact EchoHandler's input is sent back by on_readable itself, with no handler
+        # call per message. (Not on TLS, whose write() encrypts: it returned above.)
+        conn._echo = handler_class is EchoHandler
         self._poller.register(conn.fd, READ, conn)
         if self._wheel is not None:
             self._wheel.add(conn)
