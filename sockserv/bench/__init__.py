@@ -31,14 +31,9 @@ Where things are:
 
 from __future__ import annotations
 
-# ``NAME as NAME``: not in __all__, but tests/test_bench.py uses them as sockserv.bench.NAME.
-from .common import WORKLOADS as WORKLOADS
 from .histogram import Histogram
 from .options import Options, add_arguments
 from .procstat import process_tree, server_sample
-from .report import format_summary as format_summary
-from .run import build_result as build_result
 from .run import main
-from .soak import soak_accounting as soak_accounting
 
 __all__ = ["Histogram", "Options", "add_arguments", "main", "process_tree", "server_sample"]
