@@ -27,7 +27,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import sockserv
-from sockserv.bench import Histogram, Options, build_result, format_summary, soak_accounting
+from sockserv.bench import Histogram, Options
+from sockserv.bench.common import WORKLOADS
+from sockserv.bench.report import format_summary
+from sockserv.bench.run import build_result
+from sockserv.bench.soak import soak_accounting
 
 from .conftest import ENGINE_NAMES, ROOT, run_cli
 
@@ -253,6 +257,14 @@ def test_connrate_catches_a_wrong_echo(serve):
     status, r, _ = bench("connrate", "--port", str(server.server_address[1]), "-c", "2", *SHORT)
     assert status == 1
     assert r["errors"]["mismatches"] > 0 and r["counts"]["verified"] == 0
+
+
+def test_connrate_counts_a_silent_server_as_timeouts(serve):
+    server = serve(sockserv.ThreadingTCPServer, Silent)
+    status, r, _ = bench("connrate", "--port", str(server.server_address[1]), "-c", "2",
+                         "--duration", "0.6", "--warmup", "0", "--timeout", "0.2")
+    assert status == 1
+    assert r["errors"]["timeouts"] >= 2 and r["counts"]["verified"] == 0
 
 
 def test_udp_loss_is_counted_but_is_not_an_error(serve):
@@ -782,5 +794,5 @@ def test_man_page_documents_every_bench_option():
     assert "--no-progress" in flags
     for flag in flags:
         assert flag in section, flag
-    for workload in bench_module.WORKLOADS:
+    for workload in WORKLOADS:
         assert f".B {workload}\n" in section, workload

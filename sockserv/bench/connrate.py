@@ -158,6 +158,6 @@ class ConnRateWorker(Worker):
         limit = now - self.timeout_ns
         for slot in self.slots:
             if slot.sock is not None and slot.t0 < limit:
-                slot.end(None)
+                slot.end()
                 self.retry(slot, "timeouts", f"no echo within {self.o.timeout:g} s")
         self.next_tick = now + 50_000_000
