@@ -70,9 +70,11 @@ class _Callback:
 class SelectorConnection(Connection):
     """A TCP connection on the event loop (see the module doc)."""
 
+    _echo = False  # True on _EchoConnection
+
     __slots__ = ("sock", "fd", "loop", "handler", "closing", "closed", "bytes_in", "bytes_out",
                  "started", "last", "_peer", "_out", "_pending", "_events", "_eof", "_close_timer",
-                 "_turn", "_echo")
+                 "_turn")
 
     def __init__(self, loop: SelectorEngine, sock: socket.socket, handler_class: type,
                  peer: Any = None) -> None:
@@ -93,7 +95,6 @@ class SelectorConnection(Connection):
         # with proxy_protocol: the client its PROXY header named)
         self._peer = peer
         self._turn = -1  # the loop turn of the last direct send
-        self._echo = False  # see SelectorEngine._start_connection
         self.handler = handler_class(self)
 
     # -- what the handler uses ----------------------------------------------------------
@@ -321,6 +322,14 @@ class SelectorConnection(Connection):
         self.sock.close()
         self.finished(exc)
 
+
+class _EchoConnection(SelectorConnection):
+    """The connection of an exact :class:`EchoHandler`: ``on_readable`` sends back what
+    it reads itself while nothing is queued, with no handler call per message. (A class
+    flag, not a slot: idle connections stay as small as they were.)"""
+
+    __slots__ = ()
+    _echo = True
 
 
 class SelectorEngine(ServerMixin):
@@ -606,10 +615,9 @@ class SelectorEngine(ServerMixin):
 
             start_tls_connection(self, sock, handler_class, peer)
             return
-        conn = SelectorConnection(self, sock, handler_class, peer)
-        # An exact EchoHandler's input is sent back by on_readable itself, with no handler
-        # call per message. (Not on TLS, whose write() encrypts: it returned above.)
-        conn._echo = handler_class is EchoHandler
+        # (Not on TLS, whose write() encrypts: it returned above.)
+        cls = _EchoConnection if handler_class is EchoHandler else SelectorConnection
+        conn = cls(self, sock, handler_class, peer)
         self._poller.register(conn.fd, READ, conn)
         if self._wheel is not None:
             self._wheel.add(conn)
