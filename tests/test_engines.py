@@ -392,6 +392,32 @@ def test_traffic_counts_every_echoed_byte_also_when_output_backs_up(serve, engin
     assert server.stats.snapshot()["bytes_in"] == len(payload)
 
 
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_echoes_backing_up_on_several_connections_never_mix(serve, engine):
+    server = serve(engine, EchoHandler, max_buffer=64 * 1024)
+    server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # short sends
+    payloads = [os.urandom(1 << 20) for _ in range(3)]
+    echoed = [None] * len(payloads)
+
+    def client(i):
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(10)
+            sock.connect(server.server_address)
+            sender = threading.Thread(target=lambda: (sock.sendall(payloads[i]),
+                                                      sock.shutdown(socket.SHUT_WR)))
+            sender.start()
+            echoed[i] = recv_until_eof(sock)
+            sender.join(10)
+
+    clients = [threading.Thread(target=client, args=(i,)) for i in range(len(payloads))]
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join(30)
+    assert [e == p for e, p in zip(echoed, payloads, strict=True)] == [True] * len(payloads)
+
+
 def test_threads_are_released_when_connections_finish(serve):
     server = serve("thread", EchoHandler)
     before = threading.active_count()
