@@ -114,7 +114,7 @@ class ForkEngine(ServerMixin):
             self.relay.adopt(pid)
 
     def _reap(self, pid: int) -> None:
-        fd = self._children.pop(pid)
+        fd = self._children[pid]
         self.unwatch(fd)
         os.close(fd)
         try:
@@ -123,10 +123,14 @@ class ForkEngine(ServerMixin):
             status = 0
         if os.WIFSIGNALED(status) and os.WTERMSIG(status) != signal.SIGKILL:
             log.warning("child %d died of signal %d", pid, os.WTERMSIG(status))
-        if self.relay is not None:
-            self.relay.detach(pid)
-        self.release_peer(pid)
-        self.stats.closed()
+        try:
+            if self.relay is not None:
+                self.relay.detach(pid)
+            self.release_peer(pid)
+            self.stats.closed()
+        finally:
+            # Last: whoever sees live_count() drop also sees the child's peer released.
+            del self._children[pid]
         self.child_exited(pid)
 
     def child_exited(self, pid: int) -> None:
