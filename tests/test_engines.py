@@ -370,45 +370,47 @@ def test_a_client_that_does_not_read_is_paused_then_gets_everything(serve, engin
         assert recv_exactly(sock, len(sent)) == bytes(sent)
 
 
-@pytest.mark.parametrize("engine", ["select", "thread"])  # fork: each child counts its own
-def test_traffic_counts_every_echoed_byte_also_when_output_backs_up(serve, engine):
+def echo_server_with_short_sends(serve, engine):
+    """An echo server whose sends come up short, so its output queues: accepted sockets
+    inherit the listener's 4 KiB send buffer."""
     server = serve(engine, EchoHandler, max_buffer=64 * 1024)
-    # Small buffers at both ends (accepted sockets inherit the listener's): the
-    # server's sends come up short and the rest waits in its queue.
     server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    payload = os.urandom(4 << 20)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.settimeout(10)
-    with sock:
+    return server
+
+
+def echo_through_small_buffers(server, payload):
+    """Send ``payload`` and half-close from one thread while this one reads the echo to
+    EOF through a 4 KiB receive buffer; returns what came back."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(10)
         sock.connect(server.server_address)
         sender = threading.Thread(target=lambda: (sock.sendall(payload),
                                                   sock.shutdown(socket.SHUT_WR)))
         sender.start()
-        assert recv_until_eof(sock) == payload
+        echoed = recv_until_eof(sock)
         sender.join(10)
         assert not sender.is_alive()
+    return echoed
+
+
+@pytest.mark.parametrize("engine", ["select", "thread"])  # fork: each child counts its own
+def test_traffic_counts_every_echoed_byte_also_when_output_backs_up(serve, engine):
+    server = echo_server_with_short_sends(serve, engine)
+    payload = os.urandom(4 << 20)
+    assert echo_through_small_buffers(server, payload) == payload
     wait_for(lambda: server.stats.snapshot()["bytes_out"] == len(payload), what="the count")
     assert server.stats.snapshot()["bytes_in"] == len(payload)
 
 
 @pytest.mark.parametrize("engine", ENGINE_NAMES)
 def test_echoes_backing_up_on_several_connections_never_mix(serve, engine):
-    server = serve(engine, EchoHandler, max_buffer=64 * 1024)
-    server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # short sends
+    server = echo_server_with_short_sends(serve, engine)
     payloads = [os.urandom(1 << 20) for _ in range(3)]
     echoed = [None] * len(payloads)
 
     def client(i):
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.settimeout(10)
-            sock.connect(server.server_address)
-            sender = threading.Thread(target=lambda: (sock.sendall(payloads[i]),
-                                                      sock.shutdown(socket.SHUT_WR)))
-            sender.start()
-            echoed[i] = recv_until_eof(sock)
-            sender.join(10)
+        echoed[i] = echo_through_small_buffers(server, payloads[i])
 
     clients = [threading.Thread(target=client, args=(i,)) for i in range(len(payloads))]
     for t in clients:
