@@ -70,8 +70,6 @@ class _Callback:
 class SelectorConnection(Connection):
     """A TCP connection on the event loop (see the module doc)."""
 
-    _echo = False  # True on _EchoConnection
-
     __slots__ = ("sock", "fd", "loop", "handler", "closing", "closed", "bytes_in", "bytes_out",
                  "started", "last", "_peer", "_out", "_pending", "_events", "_eof", "_close_timer",
                  "_turn")
@@ -232,14 +230,14 @@ class SelectorConnection(Connection):
         self.last = loop.now
         if data:
             self.bytes_in += len(data)
-            if self._echo and not self._out and self._turn != loop.turn:
-                self._send_now(data, loop.turn)
-                return
             try:
                 self.handler.data_received(data)
             except Exception:
                 self.dispatch_failed("data_received")
             return
+        self._eof_received()
+
+    def _eof_received(self) -> None:
         self._eof = True
         try:
             self.handler.eof_received()
@@ -325,11 +323,45 @@ class SelectorConnection(Connection):
 
 class _EchoConnection(SelectorConnection):
     """The connection of an exact :class:`EchoHandler`: ``on_readable`` sends back what
-    it reads itself while nothing is queued, with no handler call per message. (A class
-    flag, not a slot: idle connections stay as small as they were.)"""
+    it reads itself while nothing is queued, with no handler call per message.
+
+    It repeats the receive of ``SelectorConnection.on_readable`` and the body of
+    ``_send_now`` rather than calling them: each call costs a pipelined echo 1-2 % of
+    the server's CPU per message. Anything else (output queued, closing, a second
+    read in one turn) takes the general path."""
 
     __slots__ = ()
-    _echo = True
+
+    def on_readable(self) -> None:
+        loop = self.loop
+        turn = loop.turn
+        if self._out or self.closing or self._turn == turn:
+            SelectorConnection.on_readable(self)
+            return
+        sock = self.sock
+        try:
+            data = sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(exc)
+            return
+        if not data:
+            self._eof_received()
+            return
+        self.last = loop.now
+        self.bytes_in += len(data)
+        self._turn = turn
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._lost(exc)
+            return
+        self.bytes_out += sent
+        if sent < len(data):
+            self._hold_rest(data, sent)
 
 
 class SelectorEngine(ServerMixin):
