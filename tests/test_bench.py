@@ -14,6 +14,7 @@ import os
 import pty
 import re
 import select
+import shutil
 import signal
 import socketserver
 import subprocess
@@ -777,6 +778,44 @@ def test_compare_svg_is_well_formed_with_one_bar_per_measured_server():
     assert "failed" in texts and "t & t" in texts
     assert any(t and "×2.50" in t for t in texts)  # 30,000 against the median 12,000
     assert len(list(root.iter(f"{ns}path"))) == 1  # the one server with a spread
+
+
+def load_shared_core():
+    sys.path.insert(0, str(ROOT / "examples" / "benchmarks"))  # it imports compare
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "sockserv_shared_core", ROOT / "examples" / "benchmarks" / "shared_core.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
+    return module
+
+
+def test_shared_core_reads_cpu_per_message_from_bench_and_from_a_cpu_share():
+    shared_core = load_shared_core()
+    bench = {"per_second": 50000.0, "server": {"cpu_per_message_us": 9.5}}
+    assert shared_core.cpu_per_message(bench) == (9.5, 50000.0)
+    other = {"msgs_per_s": 200000.0, "server_cpu": 0.9}  # a client reporting a CPU share
+    assert shared_core.cpu_per_message(other) == pytest.approx((4.5, 200000.0))
+    with pytest.raises(ValueError, match="no server CPU"):
+        shared_core.cpu_per_message({"per_second": 1.0})
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None or (os.cpu_count() or 1) < 2,
+                    reason="needs taskset and two cores")
+@pytest.mark.timeout(120)
+def test_shared_core_runs_two_servers_at_once_and_prints_their_ratio():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "benchmarks" / "shared_core.py"),
+         "--servers", "sockserv select,asyncio Protocol", "--rounds", "1",
+         "--duration", "0.5", "--warmup", "0.2"],
+        capture_output=True, text=True, timeout=100, env=bench_env())
+    assert done.returncode == 0, done.stderr
+    figures = re.findall(r"([\d.]+) µs \(([\d,]+)/s\)", done.stdout)
+    assert len(figures) == 2 and all(float(us) > 0 for us, _ in figures)
+    assert all(int(rate.replace(",", "")) > 0 for _, rate in figures)
+    assert re.search(r"median of 1 rounds: CPU per message [\d.]+x", done.stdout)
 
 
 def test_man_page_documents_every_bench_option():
