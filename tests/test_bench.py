@@ -818,6 +818,19 @@ def test_shared_core_runs_two_servers_at_once_and_prints_their_ratio():
     assert re.search(r"median of 1 rounds: CPU per message [\d.]+x", done.stdout)
 
 
+@pytest.mark.skipif(shutil.which("taskset") is None or (os.cpu_count() or 1) < 2,
+                    reason="needs taskset and two cores")
+@pytest.mark.timeout(120)
+def test_shared_core_reports_a_client_without_results_in_one_line_and_exits_1():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "benchmarks" / "shared_core.py"),
+         "--rounds", "1", "--duration", "0.5", "--client", "true {port} {pid}"],
+        capture_output=True, text=True, timeout=100, env=bench_env())
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "shared_core: round 1: the client of sockserv select printed no JSON"]
+
+
 def test_man_page_documents_every_bench_option():
     import argparse
 

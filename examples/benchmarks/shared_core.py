@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -120,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client", help="client command instead of sockserv bench, with "
                                          "{port} and {pid}")
     opts = parser.parse_args(argv)
-    if (os.cpu_count() or 1) < 2 or not os.path.exists("/proc/self/stat"):
-        parser.error("needs Linux with two cores or more")
+    if (os.cpu_count() or 1) < 2 or not os.path.exists("/proc/self/stat") \
+            or shutil.which("taskset") is None:
+        parser.error("needs Linux with two cores or more, and taskset")
     known = {s.name: s for s in sockserv_servers(sys.executable) + baseline_servers(sys.executable)}
     names = [n.strip() for n in opts.servers.split(",")]
     if len(names) != 2 or any(n not in known for n in names):
@@ -134,7 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     ratios, rate_ratios = [], []
     for n in range(opts.rounds):
         pair = [known[a], known[b]] if n % 2 == 0 else [known[b], known[a]]
-        res = one_round(pair, workload.kind, workload.args, opts)
+        try:
+            res = one_round(pair, workload.kind, workload.args, opts)
+        except (OSError, RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:
+            print(f"shared_core: round {n + 1}: {exc}", file=sys.stderr)
+            return 1
         ratios.append(res[a][0] / res[b][0])
         rate_ratios.append(res[a][1] / res[b][1])
         print(f"round {n + 1}: {a} {res[a][0]:.3f} µs ({res[a][1]:,.0f}/s), "
