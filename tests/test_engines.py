@@ -14,7 +14,7 @@ import pytest
 import sockserv
 from sockserv import EchoHandler, Handler, LineHandler
 from sockserv.background import SERVER_SIGNALS
-from sockserv.engines.blocking import Flusher
+from sockserv.engines.blocking import SMALL_RECV, Flusher
 
 from .conftest import (
     ENGINE_NAMES,
@@ -74,6 +74,25 @@ def test_one_mebibyte_of_random_bytes_comes_back_identical(serve, engine):
         sender.start()
         assert recv_exactly(sock, len(data)) == data
         sender.join(10)
+
+
+class SubclassedEcho(EchoHandler):
+    """Not exactly EchoHandler: takes the engines' general path, not their echo path."""
+
+
+@pytest.mark.parametrize("handler", [EchoHandler, SubclassedEcho], ids=["echo", "general"])
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_messages_around_the_small_read_size_come_back_whole(serve, engine, handler):
+    # Reads start at SMALL_RECV bytes and grow to 64 KiB when one fills up: sizes
+    # under, at and over it, bulk, then small again, each echoed whole before the next.
+    server = serve(engine, handler)
+    with connect(server.server_address[1]) as sock:
+        for size in (1, SMALL_RECV - 1, SMALL_RECV, SMALL_RECV + 1, 200_000, 64, SMALL_RECV, 3):
+            data = os.urandom(size)
+            sender = threading.Thread(target=sock.sendall, args=(data,))  # bulk: no deadlock
+            sender.start()
+            assert recv_exactly(sock, size) == data
+            sender.join(10)
 
 
 @pytest.mark.parametrize("engine", ENGINE_NAMES)

@@ -27,6 +27,11 @@ __all__ = ["Flusher", "StreamConnection", "serve_stream"]
 
 log = logging.getLogger("sockserv")
 RECV_SIZE = 65536
+# A connection reads at most SMALL_RECV bytes at a time until a read fills that,
+# then RECV_SIZE until a read comes in under SMALL_RECV again. A bytes object that
+# small comes from CPython's allocator for objects of up to 512 bytes; a 64 KiB
+# read costs a malloc, a realloc and a free per read (8 % of a thread's echo).
+SMALL_RECV = 479
 _DONTWAIT = socket.MSG_DONTWAIT
 
 
@@ -309,6 +314,7 @@ def _read_loop(conn: StreamConnection, config: Any) -> BaseException | None:
         if type(conn) is StreamConnection:
             send = conn.sock.send
     receive = conn.receiver()
+    size = SMALL_RECV
     while not conn.closing:
         if conn._pending > high and not conn.wait_output_below(low, stall):
             log.info("closing %s: it has not read its output for %ss", format_address(conn.peer),
@@ -316,7 +322,7 @@ def _read_loop(conn: StreamConnection, config: Any) -> BaseException | None:
             conn.abort()
             return None
         try:
-            data = receive(RECV_SIZE)
+            data = receive(size)
         except BlockingIOError:  # SO_RCVTIMEO expired
             log.debug("closing %s: idle for %ss", format_address(conn.peer), config.idle_timeout)
             conn.close()
@@ -330,7 +336,9 @@ def _read_loop(conn: StreamConnection, config: Any) -> BaseException | None:
             if conn.dispatch("eof_received"):
                 conn.wait_closing()
             return None
-        conn.bytes_in += len(data)
+        n = len(data)
+        size = SMALL_RECV if n < SMALL_RECV else RECV_SIZE
+        conn.bytes_in += n
         if send is not None and not conn._pending and not conn._broken:
             try:
                 sent = send(data, _DONTWAIT)
@@ -341,7 +349,7 @@ def _read_loop(conn: StreamConnection, config: Any) -> BaseException | None:
                     conn._break()
                 continue
             conn.bytes_out += sent  # (the flusher counts only while output is pending)
-            if sent == len(data):
+            if sent == n:
                 continue
             data = memoryview(data)[sent:]
         try:

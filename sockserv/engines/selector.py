@@ -36,6 +36,7 @@ from ..handlers import EchoHandler
 from ..push import encode_message, write_each
 from ..timers import IdleWheel
 from .base import ServerMixin
+from .blocking import RECV_SIZE, SMALL_RECV
 from .peers import DatagramPeer
 from .poller import Poller
 from .proxied import expect_header
@@ -46,7 +47,6 @@ log = logging.getLogger("sockserv")
 
 READ = selectors.EVENT_READ
 WRITE = selectors.EVENT_WRITE
-RECV_SIZE = 65536
 ACCEPT_BATCH = 128  # connections accepted per wakeup of the listener
 DATAGRAM_BATCH = 64  # datagrams read per wakeup of a UDP socket
 LINGER = 2.0  # seconds a closed connection keeps draining input, so the peer sees no reset
@@ -72,7 +72,7 @@ class SelectorConnection(Connection):
 
     __slots__ = ("sock", "fd", "loop", "handler", "closing", "closed", "bytes_in", "bytes_out",
                  "started", "last", "_peer", "_out", "_pending", "_events", "_eof", "_close_timer",
-                 "_turn")
+                 "_turn", "_recv_size")
 
     def __init__(self, loop: SelectorEngine, sock: socket.socket, handler_class: type,
                  peer: Any = None) -> None:
@@ -93,6 +93,7 @@ class SelectorConnection(Connection):
         # with proxy_protocol: the client its PROXY header named)
         self._peer = peer
         self._turn = -1  # the loop turn of the last direct send
+        self._recv_size = SMALL_RECV  # (see blocking.SMALL_RECV)
         self.handler = handler_class(self)
 
     # -- what the handler uses ----------------------------------------------------------
@@ -216,20 +217,22 @@ class SelectorConnection(Connection):
 
     def on_readable(self) -> None:
         try:
-            data = self.sock.recv(RECV_SIZE)
+            data = self.sock.recv(self._recv_size)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self._lost(exc)
             return
+        n = len(data)
+        self._recv_size = SMALL_RECV if n < SMALL_RECV else RECV_SIZE
         if self.closing:  # lingering: input after close is read and dropped
-            if not data:
+            if not n:
                 self._finish(None)
             return
         loop = self.loop
         self.last = loop.now
-        if data:
-            self.bytes_in += len(data)
+        if n:
+            self.bytes_in += n
             try:
                 self.handler.data_received(data)
             except Exception:
@@ -340,17 +343,19 @@ class _EchoConnection(SelectorConnection):
             return
         sock = self.sock
         try:
-            data = sock.recv(RECV_SIZE)
+            data = sock.recv(self._recv_size)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self._lost(exc)
             return
-        if not data:
+        n = len(data)
+        if not n:
             self._eof_received()
             return
+        self._recv_size = SMALL_RECV if n < SMALL_RECV else RECV_SIZE
         self.last = loop.now
-        self.bytes_in += len(data)
+        self.bytes_in += n
         self._turn = turn
         try:
             sent = sock.send(data)
@@ -360,7 +365,7 @@ class _EchoConnection(SelectorConnection):
             self._lost(exc)
             return
         self.bytes_out += sent
-        if sent < len(data):
+        if sent < n:
             self._hold_rest(data, sent)
 
 
