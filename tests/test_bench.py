@@ -802,24 +802,31 @@ def test_shared_core_reads_cpu_per_message_from_bench_and_from_a_cpu_share():
         shared_core.cpu_per_message({"per_second": 1.0})
 
 
-@pytest.mark.skipif(shutil.which("taskset") is None or (os.cpu_count() or 1) < 2,
-                    reason="needs taskset and two cores")
-@pytest.mark.timeout(120)
+CAN_PIN = shutil.which("taskset") is not None and {0, 1} <= os.sched_getaffinity(0)
+
+
+@pytest.mark.skipif(not CAN_PIN, reason="needs taskset and cores 0 and 1")
+@pytest.mark.timeout(150)
 def test_shared_core_runs_two_servers_at_once_and_prints_their_ratio():
     done = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "benchmarks" / "shared_core.py"),
-         "--servers", "sockserv select,asyncio Protocol", "--rounds", "1",
+         "--servers", "sockserv select,asyncio Protocol", "--rounds", "2",
          "--duration", "0.5", "--warmup", "0.2"],
-        capture_output=True, text=True, timeout=100, env=bench_env())
+        capture_output=True, text=True, timeout=140, env=bench_env())
     assert done.returncode == 0, done.stderr
-    figures = re.findall(r"([\d.]+) µs \(([\d,]+)/s\)", done.stdout)
-    assert len(figures) == 2 and all(float(us) > 0 for us, _ in figures)
-    assert all(int(rate.replace(",", "")) > 0 for _, rate in figures)
-    assert re.search(r"median of 1 rounds: CPU per message [\d.]+x", done.stdout)
+    rounds = re.findall(r"round \d: sockserv select ([\d.]+) µs \(([\d,]+)/s\), "
+                        r"asyncio Protocol ([\d.]+) µs \(([\d,]+)/s\): CPU per message ([\d.]+)x",
+                        done.stdout)
+    assert len(rounds) == 2, done.stdout
+    for ours, our_rate, theirs, their_rate, ratio in rounds:
+        assert float(ours) > 0 and float(theirs) > 0
+        assert int(our_rate.replace(",", "")) > 0 and int(their_rate.replace(",", "")) > 0
+        assert float(ratio) == pytest.approx(float(ours) / float(theirs), abs=0.002)
+    assert re.search(r"sockserv select / asyncio Protocol, median of 2 rounds: "
+                     r"CPU per message [\d.]+x", done.stdout)
 
 
-@pytest.mark.skipif(shutil.which("taskset") is None or (os.cpu_count() or 1) < 2,
-                    reason="needs taskset and two cores")
+@pytest.mark.skipif(not CAN_PIN, reason="needs taskset and cores 0 and 1")
 @pytest.mark.timeout(120)
 def test_shared_core_reports_a_client_without_results_in_one_line_and_exits_1():
     done = subprocess.run(
@@ -828,7 +835,15 @@ def test_shared_core_reports_a_client_without_results_in_one_line_and_exits_1():
         capture_output=True, text=True, timeout=100, env=bench_env())
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
-        "shared_core: round 1: the client of sockserv select printed no JSON"]
+        "shared_core: round 1: the client of sockserv select printed no JSON (exit 0)"]
+
+
+def test_shared_core_refuses_a_workload_without_cpu_per_message():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "benchmarks" / "shared_core.py"),
+         "--workload", "hold"], capture_output=True, text=True, timeout=60, env=bench_env())
+    assert done.returncode == 2
+    assert "--workload hold has no CPU per message to compare" in done.stderr
 
 
 def test_man_page_documents_every_bench_option():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import socket
 import socketserver
 import threading
@@ -363,6 +364,19 @@ def test_idle_timeout_closes_a_silent_connection(serve, engine):
         sock.sendall(b"hi")
         assert recv_exactly(sock, 2) == b"hi"
         assert recv_until_eof(sock) == b""
+
+
+def test_input_after_the_select_engine_closes_is_dropped_not_echoed(serve, monkeypatch):
+    # After close, select half-closes and reads and drops input until the peer's FIN
+    # (so the peer gets no reset); its echo path must not send that input back.
+    lost = queue.Queue()
+    monkeypatch.setattr(EchoHandler, "connection_lost", lambda self, exc: lost.put(exc))
+    server = serve("select", EchoHandler, idle_timeout=0.2)
+    with connect(server.server_address[1]) as sock:
+        assert recv_until_eof(sock) == b""  # idle: the server closed its side
+        sock.sendall(b"late input\n")
+        sock.shutdown(socket.SHUT_WR)
+        assert lost.get(timeout=10) is None
 
 
 @pytest.mark.parametrize("engine", ENGINE_NAMES)

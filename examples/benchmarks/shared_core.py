@@ -9,7 +9,8 @@
 compare.py runs one server at a time, so the machine's speed may change between
 two servers' runs; on a shared virtual machine that drift (up to 2x here) hides
 differences of a few percent. This script instead starts both servers pinned to
-core 0, and a client for each pinned to core 1, all at once: the scheduler
+core 0, and a client for each pinned to core 1, all at once (the clients start
+a few milliseconds apart, so their windows overlap all but that): the scheduler
 shares core 0 between the two servers, and whatever the machine does meanwhile
 touches both alike. Each round reports each server's CPU time per message over
 the client's measured window (``--server-pid``) and the ratio of the two; the
@@ -34,6 +35,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from typing import Any
 
 from compare import (
@@ -61,6 +63,19 @@ def cpu_per_message(result: dict[str, Any]) -> tuple[float, float]:
     raise ValueError("the client's JSON has no server CPU figure (was it given the pid?)")
 
 
+def can_pin() -> bool:
+    """Whether this process may run on cores 0 and 1, with taskset and /proc."""
+    return (hasattr(os, "sched_getaffinity") and {0, 1} <= os.sched_getaffinity(0)
+            and shutil.which("taskset") is not None and os.path.exists("/proc/self/stat"))
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
 def client_argv(opts: argparse.Namespace, bench_args: tuple[str, ...], port: int,
                 pid: int) -> list[str]:
     if opts.client:
@@ -73,8 +88,8 @@ def client_argv(opts: argparse.Namespace, bench_args: tuple[str, ...], port: int
 def one_round(pair: list[Server], kind: str, bench_args: tuple[str, ...],
               opts: argparse.Namespace) -> dict[str, tuple[float, float]]:
     """Both servers and both clients at once; {server name: (µs per message, rate)}."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SOCKSERV_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     connections = int(bench_args[bench_args.index("-c") + 1]) if "-c" in bench_args else 1000
     procs, clients = {}, {}
     try:
@@ -84,14 +99,18 @@ def one_round(pair: list[Server], kind: str, bench_args: tuple[str, ...],
                 ["taskset", "-c", "0", *server.command(kind, port, connections)],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 env=env))
-            wait_ready(port, kind, procs[server.name][1])
+            try:
+                wait_ready(port, kind, procs[server.name][1])
+            except RuntimeError as exc:
+                raise RuntimeError(f"{server.name}: {exc}") from None
         for name, (port, proc) in procs.items():
             clients[name] = subprocess.Popen(
                 ["taskset", "-c", "1", *client_argv(opts, bench_args, port, proc.pid)],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 text=True, env=env)
-        limit = opts.duration + opts.warmup + 120
-        outputs = {name: client.communicate(timeout=limit)[0] for name, client in clients.items()}
+        deadline = time.monotonic() + 3 * (opts.duration + opts.warmup) + 30  # both clients
+        outputs = {name: client.communicate(timeout=max(0.1, deadline - time.monotonic()))
+                   for name, client in clients.items()}
     finally:
         for client in clients.values():
             if client.poll() is None:
@@ -100,11 +119,18 @@ def one_round(pair: list[Server], kind: str, bench_args: tuple[str, ...],
         for _, proc in procs.values():
             stop_server(proc)
     results = {}
-    for name, out in outputs.items():
+    for name, (out, err) in outputs.items():
         lines = [line for line in out.splitlines() if line.startswith("{")]
+        said = (err.strip().splitlines() or [""])[-1]
+        status = clients[name].returncode
         if not lines:
-            raise RuntimeError(f"the client of {name} printed no JSON")
-        results[name] = cpu_per_message(json.loads(lines[-1]))
+            raise RuntimeError(f"the client of {name} printed no JSON (exit {status})"
+                               + (f": {said}" if said else ""))
+        result = json.loads(lines[-1])
+        if status != 0 or not result.get("ok", True):
+            raise RuntimeError(f"the client of {name} reported errors (exit {status}): "
+                               f"{result.get('first_error') or said}")
+        results[name] = cpu_per_message(result)
     return results
 
 
@@ -115,15 +141,12 @@ def main(argv: list[str] | None = None) -> int:
                              "(default: %(default)s)")
     parser.add_argument("--workload", default="pingpong-50",
                         help="a workload of compare.py --list (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=positive, default=6)
     parser.add_argument("--duration", type=float, default=3.0)
     parser.add_argument("--warmup", type=float, default=0.5)
     parser.add_argument("--client", help="client command instead of sockserv bench, with "
                                          "{port} and {pid}")
     opts = parser.parse_args(argv)
-    if (os.cpu_count() or 1) < 2 or not os.path.exists("/proc/self/stat") \
-            or shutil.which("taskset") is None:
-        parser.error("needs Linux with two cores or more, and taskset")
     known = {s.name: s for s in sockserv_servers(sys.executable) + baseline_servers(sys.executable)}
     names = [n.strip() for n in opts.servers.split(",")]
     if len(names) != 2 or any(n not in known for n in names):
@@ -132,6 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     if opts.workload not in work:
         parser.error(f"--workload: one of {', '.join(work)}")
     workload = work[opts.workload]
+    if workload.metric != "per_second":
+        parser.error(f"--workload {workload.key} has no CPU per message to compare")
+    for name in names:
+        if not known[name].runs(workload):
+            parser.error(f"{name} does not serve {workload.key}")
+    if not can_pin():
+        parser.error("needs Linux, taskset and cores 0 and 1")
     a, b = names
     ratios, rate_ratios = [], []
     for n in range(opts.rounds):
