@@ -96,6 +96,24 @@ def test_messages_around_the_small_read_size_come_back_whole(serve, engine, hand
             sender.join(10)
 
 
+class ChunkSizes(Handler):
+    """Answers each data_received call with the size of its data."""
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.write(b"%d\n" % len(data))
+
+
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_a_message_just_over_the_small_read_size_is_handled_in_one_piece(serve, engine):
+    # A small read that fills up is topped up at once: a 512-byte message sent in one
+    # piece is not split into 479 + 33 (a split echo can stall on Nagle).
+    server = serve(engine, ChunkSizes)
+    with connect(server.server_address[1]) as sock:
+        for size in (64, 512, 64, SMALL_RECV, 700):
+            sock.sendall(b"x" * size)
+            assert read_line(sock) == b"%d\n" % size
+
+
 @pytest.mark.parametrize("engine", ENGINE_NAMES)
 def test_large_udp_datagram_comes_back_whole(serve, engine):
     server = serve(engine, EchoHandler, proto="udp")

@@ -36,7 +36,7 @@ from ..handlers import EchoHandler
 from ..push import encode_message, write_each
 from ..timers import IdleWheel
 from .base import ServerMixin
-from .blocking import RECV_SIZE, SMALL_RECV
+from .blocking import RECV_SIZE, SMALL_RECV, read_rest
 from .peers import DatagramPeer
 from .poller import Poller
 from .proxied import expect_header
@@ -218,6 +218,8 @@ class SelectorConnection(Connection):
     def on_readable(self) -> None:
         try:
             data = self.sock.recv(self._recv_size)
+            if len(data) == SMALL_RECV:
+                data = read_rest(self.sock.recv, data)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -344,6 +346,8 @@ class _EchoConnection(SelectorConnection):
         sock = self.sock
         try:
             data = sock.recv(self._recv_size)
+            if len(data) == SMALL_RECV:
+                data = read_rest(sock.recv, data)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
