@@ -335,8 +335,10 @@ def _read_loop(conn: StreamConnection, config: Any) -> BaseException | None:
             return None
         try:
             data = receive(size)
-            if plain and len(data) == SMALL_RECV:
+            n = len(data)
+            if n == SMALL_RECV and plain:
                 data = read_rest(receive, data)
+                n = len(data)
         except BlockingIOError:  # SO_RCVTIMEO expired
             log.debug("closing %s: idle for %ss", format_address(conn.peer), config.idle_timeout)
             conn.close()
@@ -350,7 +352,6 @@ def _read_loop(conn: StreamConnection, config: Any) -> BaseException | None:
             if conn.dispatch("eof_received"):
                 conn.wait_closing()
             return None
-        n = len(data)
         size = SMALL_RECV if n < SMALL_RECV else RECV_SIZE
         conn.bytes_in += n
         if send is not None and not conn._pending and not conn._broken:

@@ -218,14 +218,15 @@ class SelectorConnection(Connection):
     def on_readable(self) -> None:
         try:
             data = self.sock.recv(self._recv_size)
-            if len(data) == SMALL_RECV:
+            n = len(data)
+            if n == SMALL_RECV:
                 data = read_rest(self.sock.recv, data)
+                n = len(data)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self._lost(exc)
             return
-        n = len(data)
         self._recv_size = SMALL_RECV if n < SMALL_RECV else RECV_SIZE
         if self.closing:  # lingering: input after close is read and dropped
             if not n:
@@ -346,14 +347,15 @@ class _EchoConnection(SelectorConnection):
         sock = self.sock
         try:
             data = sock.recv(self._recv_size)
-            if len(data) == SMALL_RECV:
+            n = len(data)
+            if n == SMALL_RECV:
                 data = read_rest(sock.recv, data)
+                n = len(data)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self._lost(exc)
             return
-        n = len(data)
         if not n:
             self._eof_received()
             return
