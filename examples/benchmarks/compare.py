@@ -222,6 +222,14 @@ def wait_ready(port: int, kind: str, proc: subprocess.Popen, timeout: float = 15
     raise RuntimeError(f"server not answering on port {port} after {timeout:g} s")
 
 
+def server_env() -> dict[str, str]:
+    """The environment for servers and clients: this checkout first on the path, and no
+    SOCKSERV_* settings from the shell, which would change only the sockserv servers."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SOCKSERV_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return env
+
+
 def stop_server(proc: subprocess.Popen) -> None:
     """SIGTERM, then SIGKILL after 15 s (this script's own child, by pid)."""
     if proc.poll() is None:
@@ -245,9 +253,7 @@ def run_one(server: Server, workload: Workload, opts: argparse.Namespace,
         pin_server = ["taskset", "-c", "0"] if server.pinned else []
         pin_client = ["taskset", "-c", "1"]
     log_path = log_dir / f"{server.name.replace(' ', '_').replace(',', '')}.log"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    env = {k: v for k, v in env.items() if not k.startswith("SOCKSERV_")}
+    env = server_env()
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(pin_server + server.command(workload.kind, port, connections),
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)

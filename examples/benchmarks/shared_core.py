@@ -39,10 +39,10 @@ import time
 from typing import Any
 
 from compare import (
-    ROOT,
     Server,
     baseline_servers,
     free_port,
+    server_env,
     sockserv_servers,
     stop_server,
     wait_ready,
@@ -88,8 +88,7 @@ def client_argv(opts: argparse.Namespace, bench_args: tuple[str, ...], port: int
 def one_round(pair: list[Server], kind: str, bench_args: tuple[str, ...],
               opts: argparse.Namespace) -> dict[str, tuple[float, float]]:
     """Both servers and both clients at once; {server name: (µs per message, rate)}."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SOCKSERV_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = server_env()
     connections = int(bench_args[bench_args.index("-c") + 1]) if "-c" in bench_args else 1000
     procs, clients = {}, {}
     try:
