@@ -23,7 +23,8 @@ class Poller:
     """``register/modify(fd, events, obj)`` with selectors' EVENT_READ/EVENT_WRITE,
     ``unregister(fd)``, ``objects[fd]``, and ``poll(timeout)`` -> ``[(fd, mask)]``
     where ``mask & readable`` / ``mask & writable`` tell what is ready (an error or
-    hang-up counts as both, so the next read or write reports it)."""
+    hang-up counts as both, so the next read or write reports it); ``mask ==
+    only_readable`` when input is all there is."""
 
     def __init__(self) -> None:
         self.objects: dict[int, Any] = {}
@@ -34,11 +35,13 @@ class Poller:
             trouble = select.EPOLLERR | select.EPOLLHUP
             self.readable = select.EPOLLIN | trouble
             self.writable = select.EPOLLOUT | trouble
+            self.only_readable = select.EPOLLIN
             self._selector = None
         else:  # pragma: no cover - not Linux; _poll_selector then serves too
             self._selector = selectors.DefaultSelector()
             self.poll = self._poll_selector
             self.readable, self.writable = READ, WRITE
+            self.only_readable = READ
 
     def _mask(self, events: int) -> int:
         return (select.EPOLLIN if events & READ else 0) | (select.EPOLLOUT if events & WRITE else 0)
