@@ -11,7 +11,7 @@ import threading
 
 from sockserv import Handler
 
-from .conftest import connect, recv_exactly, recv_until_eof, wait_for
+from .conftest import connect, read_line, recv_exactly, recv_until_eof, wait_for
 
 
 def rss_kib(pid):
@@ -152,3 +152,35 @@ def test_a_connection_closed_while_a_forked_process_holds_it_does_not_wake_the_l
             for fd in (ready_r, ready_w, release_r, release_w):
                 os.close(fd)
     assert turns[0] < 20, f"the loop turned {turns[0]} times in 0.2 s"
+
+
+
+class KeepsTheFirst(Handler):
+    """(served by the next test) "bye" closes this connection; "poke" writes to the
+    first connection the server made, then answers with both descriptor numbers."""
+
+    made: list = []
+
+    def connection_made(self):
+        self.made.append(self.conn)
+
+    def data_received(self, data):
+        if data == b"bye":
+            self.conn.abort()
+        elif data == b"poke":
+            self.made[0].write(b"LEAK")
+            self.conn.write(b"%d %d\n" % (self.made[0].fd, self.conn.fd))
+
+
+def test_a_write_to_a_closed_connection_never_reaches_the_next_owner_of_its_descriptor(cli):
+    # The engine writes with os.write on the descriptor number: once a connection's
+    # socket is closed, that number is free for the next connection accepted.
+    server = cli("serve", "tests.test_select:KeepsTheFirst", "--port", "0")
+    port = server.wait_serving()
+    with connect(port) as first:
+        first.sendall(b"bye")
+        recv_until_eof(first)
+    with connect(port) as second:
+        second.sendall(b"poke")
+        old, new = read_line(second).split()
+    assert old == new  # the number was handed on, and nothing was written to it
