@@ -323,14 +323,15 @@ class SelectorConnection(Connection):
             return
         if self.loop.config.access_log:
             self.peer  # noqa: B018 -- remember it for the access log before the socket goes
-        # closing guards every write: once the socket is closed its descriptor number
-        # may be handed to the next connection accepted
-        self.closing = self.closed = True
+        self.closed = True
         if self._close_timer is not None:
             self._close_timer.cancel()
         self._out = None
         self._pending = 0
         self.loop.forget(self)
+        # Writes go to the descriptor number, which the next connection accepted may be
+        # handed: a stray write now fails with EBADF instead of reaching that one.
+        self.fd = -1
         self.sock.close()
         self.finished(exc)
 
@@ -342,8 +343,9 @@ class _EchoConnection(SelectorConnection):
     It repeats the receive of ``SelectorConnection.on_readable`` and the body of
     ``_send_now`` rather than calling them: each call costs a pipelined echo 1-2 % of
     the server's CPU per message. Anything else (output queued, closing) takes the
-    general path. It leaves ``_turn`` alone: the loop reads a connection once per turn,
-    and an echo connection writes nowhere else."""
+    general path. It leaves ``_turn`` alone (the loop reads a connection once a turn,
+    and an echo handler writes only here): at worst a write from elsewhere in the same
+    turn gets a send of its own, and a partial send still queues, so order holds."""
 
     __slots__ = ()
 
