@@ -60,6 +60,11 @@ class Workload:
     def higher_is_better(self) -> bool:
         return self.metric not in ("rss_per_connection", "p99")
 
+    @property
+    def connections(self) -> int:
+        """The client's ``-c``: connections (datagrams' sockets for udp)."""
+        return int(self.args[self.args.index("-c") + 1])
+
 
 HOLD_CONNECTIONS = 5_000
 FORK_MAX_HOLD = 1000
@@ -109,7 +114,7 @@ class Server:
         if workload.kind not in self.kinds:
             return False
         if workload.metric == "rss_per_connection" and self.max_hold is not None:
-            return int(workload.args[workload.args.index("-c") + 1]) <= self.max_hold
+            return workload.connections <= self.max_hold
         return True
 
 
@@ -247,7 +252,7 @@ def run_one(server: Server, workload: Workload, opts: argparse.Namespace,
     record: dict[str, Any] = {"server": server.name, "workload": workload.key,
                               "result": None, "error": None}
     port = free_port()
-    connections = int(workload.args[workload.args.index("-c") + 1])
+    connections = workload.connections
     pin_server = pin_client = []
     if opts.pin:
         pin_server = ["taskset", "-c", "0"] if server.pinned else []

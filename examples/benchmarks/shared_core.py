@@ -40,6 +40,7 @@ from typing import Any
 
 from compare import (
     Server,
+    Workload,
     baseline_servers,
     free_port,
     server_env,
@@ -85,11 +86,11 @@ def client_argv(opts: argparse.Namespace, bench_args: tuple[str, ...], port: int
             "--server-pid", str(pid), "--json", "--no-progress"]
 
 
-def one_round(pair: list[Server], kind: str, bench_args: tuple[str, ...],
+def one_round(pair: list[Server], workload: Workload,
               opts: argparse.Namespace) -> dict[str, tuple[float, float]]:
     """Both servers and both clients at once; {server name: (µs per message, rate)}."""
     env = server_env()
-    connections = int(bench_args[bench_args.index("-c") + 1]) if "-c" in bench_args else 1000
+    kind, bench_args, connections = workload.kind, workload.args, workload.connections
     procs, clients = {}, {}
     try:
         for server in pair:
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in range(opts.rounds):
         pair = [known[a], known[b]] if n % 2 == 0 else [known[b], known[a]]
         try:
-            res = one_round(pair, workload.kind, workload.args, opts)
+            res = one_round(pair, workload, opts)
         except (OSError, RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:
             print(f"shared_core: round {n + 1}: {exc}", file=sys.stderr)
             return 1

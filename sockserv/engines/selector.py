@@ -3,8 +3,9 @@ loop over ``selectors.DefaultSelector`` (epoll on Linux).
 
 The loop only moves bytes: readable -> a read of the descriptor ->
 ``handler.data_received``; ``conn.write`` sends at once what the kernel takes
-and queues the rest until the socket is writable. Flow control: above ``max_buffer`` unsent bytes a
-connection is no longer read until its output drains below half of that.
+and queues the rest until the socket is writable. Flow control: above
+``max_buffer`` unsent bytes a connection is no longer read until its output
+drains below half of that.
 Timers (idle timeouts, accept back-off, close deadlines) and a wakeup pipe
 drive the loop; nothing polls.
 
